@@ -1,0 +1,121 @@
+"""Multi-head Latent Attention (DeepSeek-V2) and the swappable attention kernel.
+
+An attention implementation is any function with the signature of `xla_attention`; register it
+with `register_attention_impl(name, fn)` and pick it with `ModelConfig.attention_impl`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from coder_jax.model.config import ModelConfig
+from coder_jax.model.layers import RMSNorm, dtype_of, normal_param
+from coder_jax.model.rope import apply_rope
+
+# The reference (and the released checkpoints) use the RMSNorm default eps for the two low-rank
+# norms, not config.rms_norm_eps.
+LORA_NORM_EPS = 1e-6
+
+AttentionFn = Callable[..., jnp.ndarray]
+_ATTENTION_IMPLS: dict[str, AttentionFn] = {}
+
+
+def register_attention_impl(name: str, fn: AttentionFn) -> None:
+  _ATTENTION_IMPLS[name] = fn
+
+
+def get_attention_impl(name: str) -> AttentionFn:
+  if name not in _ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl: unknown implementation {name!r}; "
+                     f"registered: {', '.join(sorted(_ATTENTION_IMPLS))}")
+  return _ATTENTION_IMPLS[name]
+
+
+def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool = True):
+  """[B, T, S] bool: same segment and (if causal) key index <= query index, right-aligned."""
+  mask = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  if causal:
+    t, s = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
+    q_idx = jnp.arange(t)[:, None] + (s - t)
+    mask = mask & (jnp.arange(s)[None, :] <= q_idx)[None]
+  return mask
+
+
+def xla_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale: float,
+                  causal: bool = True):
+  """Plain softmax attention in float32 logits; the reference every kernel is tested against."""
+  logits = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
+                      preferred_element_type=jnp.float32) * scale
+  mask = attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal)
+  logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSHV.dtype)
+  return jnp.einsum("bhts,bshv->bthv", probs, v_BSHV, preferred_element_type=jnp.float32
+                    ).astype(v_BSHV.dtype)
+
+
+register_attention_impl("xla", xla_attention)
+
+
+class MLAttention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd, std = dtype_of(cfg.param_dtype), cfg.initializer_range
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.q_lora_rank is None:
+      self.q_proj = normal_param(rngs, (d, h, cfg.qk_head_dim), ("embed", "heads", "qk_head"), std, pd)
+    else:
+      r = cfg.q_lora_rank
+      self.q_a_proj = normal_param(rngs, (d, r), ("embed", "q_lora"), std, pd)
+      self.q_a_layernorm = RMSNorm(r, LORA_NORM_EPS, pd, "q_lora")
+      self.q_b_proj = normal_param(rngs, (r, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"),
+                                   std, pd)
+    r = cfg.kv_lora_rank
+    self.kv_a_proj_with_mqa = normal_param(rngs, (d, r + cfg.qk_rope_head_dim),
+                                           ("embed", "kv_lora"), std, pd)
+    self.kv_a_layernorm = RMSNorm(r, LORA_NORM_EPS, pd, "kv_lora")
+    self.kv_b_proj = normal_param(rngs, (r, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                  ("kv_lora", "heads", "kv_head"), std, pd)
+    self.o_proj = normal_param(rngs, (h, cfg.v_head_dim, d), ("heads", "v_head", "embed"), std, pd)
+
+  def queries(self, x_BTD, cos, sin):
+    """[B, T, H, qk_head_dim] with the rope part rotated."""
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    x = x_BTD.astype(dt)
+    if cfg.q_lora_rank is None:
+      q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+    else:
+      qa = self.q_a_layernorm(x @ self.q_a_proj[...].astype(dt))
+      q = jnp.einsum("btr,rhk->bthk", qa, self.q_b_proj[...].astype(dt))
+    n = cfg.qk_nope_head_dim
+    return jnp.concatenate([q[..., :n], apply_rope(q[..., n:], cos, sin)], axis=-1)
+
+  def latents(self, x_BTD, cos, sin):
+    """The per-token cache entry: (normed latent [B, T, kv_lora_rank], rotated key [B, T, rope])."""
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    ckv = x_BTD.astype(dt) @ self.kv_a_proj_with_mqa[...].astype(dt)
+    r = cfg.kv_lora_rank
+    return self.kv_a_layernorm(ckv[..., :r]), apply_rope(ckv[..., r:], cos, sin)
+
+  def expand(self, latent_BSR, k_rope_BSK):
+    """Latents -> per-head keys [B, S, H, qk_head_dim] and values [B, S, H, v_head_dim]."""
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    kv = jnp.einsum("bsr,rhk->bshk", latent_BSR, self.kv_b_proj[...].astype(dt))
+    n = cfg.qk_nope_head_dim
+    k_nope, v = kv[..., :n], kv[..., n:]
+    k_rope = jnp.broadcast_to(k_rope_BSK[:, :, None, :], k_nope.shape[:3] + k_rope_BSK.shape[-1:])
+    return jnp.concatenate([k_nope, k_rope], axis=-1), v
+
+  def __call__(self, x_BTD, cos, sin, segment_ids_BT):
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    q = self.queries(x_BTD, cos, sin)
+    k, v = self.expand(*self.latents(x_BTD, cos, sin))
+    attn = get_attention_impl(cfg.attention_impl)
+    out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+               scale=cfg.softmax_scale(), causal=True)
+    out = checkpoint_name(out, "attn_out")
+    return jnp.einsum("bthv,hvd->btd", out.astype(dt), self.o_proj[...].astype(dt))

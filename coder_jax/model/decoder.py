@@ -1,0 +1,166 @@
+"""Decoder: embedding, runs of identical layers under one `lax.scan` each, final norm, LM head.
+
+Layers of one kind (dense or MoE) that follow each other form a run; a run's weights are stacked
+on a leading `layers` axis and its body is traced once, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coder_jax.model.attention import MLAttention
+from coder_jax.model.config import ModelConfig
+from coder_jax.model.layers import MLP, RMSNorm, dtype_of, normal_param
+from coder_jax.model.moe import MoE
+from coder_jax.model.rope import rope_tables
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    pd = dtype_of(cfg.param_dtype)
+    self.kind = kind
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.self_attn = MLAttention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if kind == "moe":
+      self.mlp = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs)
+
+  def __call__(self, x, cos, sin, segment_ids):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+    h = self.post_attention_layernorm(x)
+    if self.kind == "moe":
+      y, routing = self.mlp(h)
+      return x + y, router_stats(routing, segment_ids)
+    return x + self.mlp(h), None
+
+
+def router_stats(r, segment_ids_BT):
+  """Per-sequence sums the balance losses are built from (padding, segment id 0, excluded).
+
+  score_sum[b, e] = sum_t s_{t,e}; count[b, e] = #tokens t routed to e; tokens[b] = #valid t.
+  """
+  b, t = segment_ids_BT.shape
+  valid = (segment_ids_BT > 0).astype(jnp.float32)
+  e = r.scores_NE.shape[-1]
+  scores = r.scores_NE.reshape(b, t, e)
+  chosen = jax.nn.one_hot(r.experts_NK.reshape(b, t, -1), e, dtype=jnp.float32).sum(axis=2)
+  return dict(score_sum=jnp.einsum("bte,bt->be", scores, valid),
+              count=jnp.einsum("bte,bt->be", chosen, valid),
+              tokens=valid.sum(axis=1))
+
+
+class LayerStack(nnx.Module):
+  """`n` layers of one kind with stacked weights (leading axis = layer)."""
+
+  def __init__(self, cfg: ModelConfig, kind: str, n: int, *, rngs: nnx.Rngs):
+    self.cfg, self.kind, self.n = cfg, kind, n
+    keys = jax.random.split(rngs.params(), n)
+
+    def one(key):
+      return nnx.state(DecoderLayer(cfg, kind, rngs=nnx.Rngs(params=key)))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, kind, rngs=nnx.Rngs(0))))
+    self.layers = nnx.merge(graphdef, jax.vmap(one)(keys))
+    for _, var in nnx.iter_graph(self.layers):
+      if isinstance(var, nnx.Variable) and var.has_metadata("axes"):
+        var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+
+  def __call__(self, x, cos, sin, segment_ids):
+    graphdef, state = nnx.split(self.layers)
+
+    def body(h, layer_state):
+      return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids)
+
+    policy = self.cfg.remat_policy
+    if policy != "none":
+      body = jax.checkpoint(body, policy=_REMAT[policy], prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      return jax.lax.scan(body, x, state)
+    auxes = []
+    for i in range(self.n):
+      x, aux = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+      auxes.append(aux)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] is not None else None
+
+
+def segment_positions(segment_ids_BT):
+  """Positions that restart at 0 wherever the segment id changes along the row."""
+  t = segment_ids_BT.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(t), segment_ids_BT.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_idx
+
+
+class DeepseekV2(nnx.Module):
+  """The causal LM: `model(input_ids)` -> logits [B, T, vocab] (float32).
+
+  Packed rows: pass `segment_ids` (>0 per document, 0 for padding; attention never crosses a
+  change of id) and optionally `positions` (default: restart at 0 at each segment start).
+  `return_aux=True` also returns {'router': [per MoE run: dict of [layers, B, E] stats]}.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd, std = dtype_of(cfg.param_dtype), cfg.initializer_range
+    self.embed_tokens = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                     std, pd)
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
+    self.runs = tuple(runs)
+    self.stacks = nnx.List([LayerStack(cfg, k, n, rngs=rngs) for k, n in runs])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  std, pd)
+
+  def hidden_states(self, input_ids_BT, segment_ids_BT=None, positions_BT=None):
+    """Final-normed hidden states [B, T, D] and the aux dict."""
+    cfg = self.cfg
+    input_ids_BT = jnp.asarray(input_ids_BT)
+    if input_ids_BT.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids_BT.shape}")
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
+    if positions_BT is None:
+      positions_BT = segment_positions(segment_ids_BT)
+    for name, a in (("segment_ids", segment_ids_BT), ("positions", positions_BT)):
+      if jnp.shape(a) != input_ids_BT.shape:
+        raise ValueError(f"{name} must have the shape of input_ids {input_ids_BT.shape}, "
+                         f"got {jnp.shape(a)}")
+    x = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.dtype))
+    cos, sin = rope_tables(cfg, jnp.asarray(positions_BT))
+    router = []
+    for stack in self.stacks:
+      x, aux = stack(x, cos, sin, jnp.asarray(segment_ids_BT))
+      if aux is not None:
+        router.append(aux)
+    return self.norm(x), {"router": router}
+
+  def logits(self, h_BTD):
+    dt = dtype_of(self.cfg.dtype)
+    w = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None, return_aux=False):
+    h, aux = self.hidden_states(input_ids_BT, segment_ids_BT, positions_BT)
+    logits = self.logits(h)
+    return (logits, aux) if return_aux else logits
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV2:
+  return DeepseekV2(cfg, rngs=nnx.Rngs(params=seed))

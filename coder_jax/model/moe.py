@@ -1,0 +1,116 @@
+"""DeepSeekMoE: float32 softmax router, greedy / group-limited top-k, routed + shared experts.
+
+An expert implementation is any function with the signature of `ragged_experts`; register it with
+`register_moe_impl(name, fn)` and pick it with `ModelConfig.moe_impl`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coder_jax.model.config import ModelConfig
+from coder_jax.model.layers import MLP, dtype_of, normal_param
+
+MoeFn = Callable[..., jnp.ndarray]
+_MOE_IMPLS: dict[str, MoeFn] = {}
+
+
+def register_moe_impl(name: str, fn: MoeFn) -> None:
+  _MOE_IMPLS[name] = fn
+
+
+def get_moe_impl(name: str) -> MoeFn:
+  if name not in _MOE_IMPLS:
+    raise ValueError(f"moe_impl: unknown implementation {name!r}; "
+                     f"registered: {', '.join(sorted(_MOE_IMPLS))}")
+  return _MOE_IMPLS[name]
+
+
+class RouterOutput(NamedTuple):
+  scores_NE: jnp.ndarray     # softmax over all routed experts, float32
+  experts_NK: jnp.ndarray    # chosen expert ids, int32
+  weights_NK: jnp.ndarray    # combine weights (after scaling / normalisation), float32
+
+
+def route(logits_NE, cfg: ModelConfig) -> RouterOutput:
+  scores = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  k = cfg.num_experts_per_tok
+  choose_from = scores
+  if cfg.topk_method == "group_limited_greedy":
+    n, e = scores.shape
+    g = cfg.n_group
+    group_best = scores.reshape(n, g, e // g).max(axis=-1)
+    _, top_groups = jax.lax.top_k(group_best, cfg.topk_group)
+    keep_group = jnp.zeros((n, g), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+    keep = jnp.repeat(keep_group, e // g, axis=1)
+    choose_from = jnp.where(keep, scores, 0.0)
+  weights, experts = jax.lax.top_k(choose_from, k)
+  if k > 1 and cfg.norm_topk_prob:
+    # DeepSeek-V2's rule: normalised weights replace the routed scaling.
+    weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+  else:
+    weights = weights * cfg.routed_scaling_factor
+  return RouterOutput(scores, experts.astype(jnp.int32), weights)
+
+
+def ragged_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype):
+  """Sort token copies by expert, run each expert's SwiGLU with lax.ragged_dot, combine."""
+  n, k = experts_NK.shape
+  e = w_gate_EDF.shape[0]
+  flat = experts_NK.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  xs = x_ND.astype(dtype)[order // k]
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+  g = jax.lax.ragged_dot(xs, w_gate_EDF.astype(dtype), sizes)
+  u = jax.lax.ragged_dot(xs, w_up_EDF.astype(dtype), sizes)
+  y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down_EFD.astype(dtype), sizes)
+  y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
+
+
+def dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype):
+  """Every expert on every token, combined with a dense [N, E] weight matrix. Small configs only."""
+  e = w_gate_EDF.shape[0]
+  x = x_ND.astype(dtype)
+  g = jnp.einsum("nd,edf->enf", x, w_gate_EDF.astype(dtype))
+  u = jnp.einsum("nd,edf->enf", x, w_up_EDF.astype(dtype))
+  y = jnp.einsum("enf,efd->end", jax.nn.silu(g) * u, w_down_EFD.astype(dtype))
+  combine = jnp.einsum("nk,nke->ne", weights_NK, jax.nn.one_hot(experts_NK, e, dtype=jnp.float32))
+  return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(dtype)
+
+
+register_moe_impl("ragged", ragged_experts)
+register_moe_impl("dense", dense_experts)
+
+
+class MoE(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd, std = dtype_of(cfg.param_dtype), cfg.initializer_range
+    d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    # The router stays float32 whatever param_dtype is, as in the reference.
+    self.gate = normal_param(rngs, (d, e), ("embed", "router"), std, jnp.float32)
+    self.experts_gate_proj = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
+    self.experts_up_proj = normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
+    self.experts_down_proj = normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
+    if cfg.n_shared_experts:
+      self.shared_experts = MLP(cfg, f * cfg.n_shared_experts, rngs=rngs)
+    else:
+      self.shared_experts = None
+
+  def __call__(self, x_BTD):
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    b, t, d = x_BTD.shape
+    x = x_BTD.reshape(b * t, d)
+    r = route(x.astype(jnp.float32) @ self.gate[...], cfg)
+    y = get_moe_impl(cfg.moe_impl)(
+        x, r.experts_NK, r.weights_NK, self.experts_gate_proj[...], self.experts_up_proj[...],
+        self.experts_down_proj[...], dtype=dt)
+    y = y.reshape(b, t, d)
+    if self.shared_experts is not None:
+      y = y + self.shared_experts(x_BTD)
+    return y, r

@@ -1,0 +1,64 @@
+"""Rotary position embedding on the decoupled rope part of MLA, with YaRN.
+
+The checkpoints rotate adjacent pairs (2i, 2i+1). A dot product does not care how both of its
+operands are permuted, so `apply_rope` returns the rotated pairs as [evens | odds]: no interleave
+on the way out, and q and k (and the latent cache) all use that one layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from coder_jax.model.config import ModelConfig, yarn_mscale
+
+
+def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+  return dim * math.log(max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+  """(inv_freq [dim/2] float32, cos/sin scale), computed in float32 like the reference."""
+  dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+  pos_freqs = np.power(np.float32(base), np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  extrap = (1.0 / pos_freqs).astype(np.float32)
+  y = cfg.rope_scaling
+  if y is None:
+    return extrap, 1.0
+  interp = (1.0 / (np.float32(y.factor) * pos_freqs)).astype(np.float32)
+  orig = y.original_max_position_embeddings
+  low = _correction_dim(y.beta_fast, dim, base, orig)
+  high = _correction_dim(y.beta_slow, dim, base, orig)
+  if y.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
+                 / np.float32(high - low), 0, 1).astype(np.float32)
+  extrap_weight = 1 - ramp
+  inv_freq = interp * (1 - extrap_weight) + extrap * extrap_weight
+  if y.mscale and y.mscale_all_dim:
+    attn_factor = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
+  else:
+    attn_factor = yarn_mscale(y.factor)
+  return inv_freq.astype(np.float32), float(attn_factor)
+
+
+def rope_tables(cfg: ModelConfig, positions_BT: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """cos, sin of shape [B, T, dim/2] in float32, already multiplied by the YaRN cos/sin scale."""
+  inv_freq, scale = inv_frequencies(cfg)
+  angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: jnp.ndarray, cos_BTK: jnp.ndarray, sin_BTK: jnp.ndarray) -> jnp.ndarray:
+  """x [B, T, (H,) dim] with pairs (2i, 2i+1) -> rotated, laid out [evens | odds], x's dtype."""
+  xf = x.astype(jnp.float32)
+  even, odd = xf[..., 0::2], xf[..., 1::2]
+  if x.ndim == 4:  # per-head: broadcast over H
+    cos_BTK, sin_BTK = cos_BTK[:, :, None, :], sin_BTK[:, :, None, :]
+  out = jnp.concatenate([even * cos_BTK - odd * sin_BTK, even * sin_BTK + odd * cos_BTK], axis=-1)
+  return out.astype(x.dtype)

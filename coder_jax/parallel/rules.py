@@ -1,0 +1,70 @@
+"""The one table that maps logical axis names (used by the model code) to mesh axes.
+
+Model parameters carry `axes` metadata (one logical name per dimension); nothing else in the
+library names mesh axes. A mesh axis that the mesh lacks, or that does not divide the dimension,
+is dropped for that parameter (replication), so one table serves every mesh shape.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated)
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("norm", None),
+    ("heads", "tensor"),
+    ("qk_head", None),
+    ("v_head", None),
+    ("kv_head", None),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("mlp", "tensor"),
+    ("router", None),
+    ("experts", "expert"),
+    ("expert_mlp", "tensor"),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(axes):
+    target = table.get(name) if name is not None else None
+    if name is not None and name not in table:
+      raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    keep = []
+    size = 1
+    for t in targets:
+      if t in used or (mesh is not None and t not in mesh.shape):
+        continue
+      n = mesh.shape[t] if mesh is not None else 1
+      if shape is not None and shape[i] % (size * n):
+        continue
+      keep.append(t)
+      size *= n
+    used.update(keep)
+    out.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+  return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, axes, shape) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def single_device_mesh() -> Mesh:
+  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), MESH_AXES)
