@@ -64,8 +64,12 @@ def _tensor_files(path: str) -> dict[str, SafetensorsFile]:
   """Hub name -> the open file that holds it (single file, index, or every *.safetensors)."""
   index = os.path.join(path, INDEX_NAME)
   if os.path.exists(index):
-    with open(index) as fh:
-      weight_map = json.load(fh).get("weight_map")
+    try:
+      with open(index) as fh:
+        weight_map = json.load(fh)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index}: has no weight_map")
     names = sorted(set(weight_map.values()))
@@ -144,6 +148,8 @@ def load(path: str, dtype=jnp.float32, *, mesh=None, compute_dtype=None, **runti
   _check(specs, where, cfg)
   groups: dict[tuple, list[TensorSpec]] = {}
   for s in specs:
+    if s.path is None:
+      continue
     groups.setdefault(s.path, []).append(s)
   abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -202,16 +208,20 @@ def save(model: DeepseekV2, out_dir: str, *, dtype=None, max_shard_size="5GB",
   specs = tensor_specs(cfg)
   by_name = {s.name: s for s in specs}
   for s in specs:
+    if s.path is None:
+      continue
     arr = flat[s.path].get_value()
     if not getattr(arr, "is_fully_addressable", True):
       raise ValueError(f"{s.name}: parameter is not fully addressable from this process; "
                        "gather it before saving")
 
   def tensor_dtype(s: TensorSpec):
-    return np.dtype(np.float32) if s.path[-1] == "gate" else save_dtype
+    return np.dtype(np.float32) if s.path and s.path[-1] == "gate" else save_dtype
 
   def produce(name):
     s = by_name[name]
+    if s.path is None:
+      return np.zeros(s.hf_shape, tensor_dtype(s))
     w = np.asarray(jax.device_get(flat[s.path].get_value()[s.index]))
     return np.ascontiguousarray(s.to_hf(w)).astype(tensor_dtype(s))
 

@@ -107,6 +107,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
   if not cfg.has_moe:
     raise ConfigError("n_routed_experts: transformers' DeepseekV2 needs routed experts")
   d = {k: getattr(cfg, k) for k in _DIRECT}
+  d["n_shared_experts"] = cfg.n_shared_experts or 0
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   y = cfg.rope_scaling
   if y is not None:

@@ -17,7 +17,7 @@ from coder_jax.model.config import ModelConfig
 class TensorSpec:
   name: str                    # Hub name
   hf_shape: tuple[int, ...]
-  path: tuple                  # path of the NNX parameter in nnx.state(model)
+  path: tuple | None           # path of the NNX parameter in nnx.state(model); None: empty
   index: tuple[int, ...]       # leading indices into that parameter (layer in run, expert)
   our_shape: tuple[int, ...]   # shape of param[index]
   n_in: int                    # input dims of a linear (0: not a linear, copied as is)
@@ -104,6 +104,9 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     if cfg.n_shared_experts:
       specs += _mlp(f"{p}.mlp.shared_experts", mlp + ("shared_experts",), i, d,
                     f * cfg.n_shared_experts)
+    else:  # transformers still builds (and saves) a zero-width shared MLP
+      specs += [_copy(f"{p}.mlp.shared_experts.{n}_proj.weight", None, (), shape)
+                for n, shape in (("gate", (0, d)), ("up", (0, d)), ("down", (d, 0)))]
   specs.append(_copy("model.norm.weight", ("norm", "weight"), (), (d,)))
   if not cfg.tie_word_embeddings:
     specs.append(_linear("lm_head.weight", ("lm_head",), (), (d, v)))

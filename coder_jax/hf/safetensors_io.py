@@ -37,6 +37,25 @@ def dtype_name(dtype) -> str:
   return _NAMES[dt]
 
 
+def _check_entry(path: str, name: str, e, data_size: int) -> None:
+  def bad(why):
+    raise SafetensorsError(f"{path}: tensor {name!r} {why}")
+
+  if not isinstance(e, dict):
+    bad("has no dtype/shape/data_offsets entry")
+  if e.get("dtype") not in _DTYPES:
+    bad(f"has unsupported dtype {e.get('dtype')!r}")
+  shape, offsets = e.get("shape"), e.get("data_offsets")
+  if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    bad(f"has an invalid shape {shape!r}")
+  if not (isinstance(offsets, list) and len(offsets) == 2
+          and all(isinstance(o, int) and o >= 0 for o in offsets)):
+    bad(f"has invalid data_offsets {offsets!r}")
+  want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
+  if offsets[1] - offsets[0] != want or offsets[1] > data_size:
+    bad("data is truncated or inconsistent with its shape")
+
+
 class SafetensorsFile:
   """Lazy view of one .safetensors file: `f.keys()`, `f.shape(name)`, `f[name]` -> memmap."""
 
@@ -54,16 +73,13 @@ class SafetensorsFile:
         header = json.loads(fh.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{path}: header must be a JSON object")
     self.metadata = header.pop("__metadata__", None) or {}
     self._start = 8 + n
     self._entries = header
     for name, e in header.items():
-      if e.get("dtype") not in _DTYPES:
-        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-      begin, end = e["data_offsets"]
-      want = int(np.prod(e["shape"], dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
-      if end - begin != want or self._start + end > size:
-        raise SafetensorsError(f"{path}: tensor {name!r} data is truncated or inconsistent")
+      _check_entry(path, name, e, size - self._start)
 
   def keys(self):
     return list(self._entries)

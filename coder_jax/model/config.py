@@ -209,3 +209,17 @@ def get_config(preset: str = "tiny", **overrides) -> ModelConfig:
   if "rope_scaling" in kw:
     kw["rope_scaling"] = _coerce_rope_scaling(kw["rope_scaling"])
   return ModelConfig(**kw)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any], **overrides) -> ModelConfig:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ConfigError(f"{unknown[0]}: not a ModelConfig field")
+  kw = {**d, **overrides}
+  kw["rope_scaling"] = _coerce_rope_scaling(kw.get("rope_scaling"))
+  return ModelConfig(**kw)

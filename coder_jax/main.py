@@ -1,0 +1,46 @@
+"""gin entry point: flags only, the logic lives in the library.
+
+    python -m coder_jax.main --gin_file=gin_configs/runs/demo.gin [--gin_file=...]
+        [--gin.NAME=VALUE ...] [--gin_search_paths=DIR1,DIR2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_flags(argv):
+  ap = argparse.ArgumentParser(prog="python -m coder_jax.main", description=__doc__.split("\n")[0])
+  ap.add_argument("--gin_file", action="append", default=[], help="repeatable")
+  ap.add_argument("--gin_search_paths", default=REPO_ROOT,
+                  help="comma-separated directories for gin_file and include paths")
+  args, rest = ap.parse_known_args(argv)
+  bindings = []
+  for a in rest:
+    if not a.startswith("--gin.") or "=" not in a:
+      ap.error(f"unrecognised argument {a!r} (bindings look like --gin.NAME=VALUE)")
+    bindings.append(a[len("--gin."):])
+  if not args.gin_file:
+    ap.error("at least one --gin_file is required")
+  return args, bindings
+
+
+def main(argv=None):
+  args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
+  from coder_jax.stages import launch, register_all
+  register_all()
+  for p in args.gin_search_paths.split(","):
+    if p:
+      gin.add_config_file_search_path(p)
+  gin.parse_config_files_and_bindings(args.gin_file, bindings)
+  return launch()
+
+
+if __name__ == "__main__":
+  main()

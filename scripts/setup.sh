@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv from a requirements file.
+# Usage: scripts/setup.sh [requirements.txt|requirements-test.txt]. Re-installs only when the
+# requirements files change.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+req="${1:-requirements.txt}"
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+stamp="$venv/.stamp-$(basename "$req" .txt)"
+want="$(cat "$root/requirements.txt" "$root/$req" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/$req"
+  echo "$want" > "$stamp"
+fi
