@@ -73,7 +73,7 @@ def test_config_dict_round_trip():
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(q_lora_rank=0), "q_lora_rank"),
-    (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+    (dict(first_k_dense_replace=-1), "first_k_dense_replace"),
     (dict(moe_layer_freq=0), "moe_layer_freq"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(dtype="int8"), "dtype"),

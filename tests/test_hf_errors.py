@@ -286,3 +286,10 @@ def test_bfloat16_keeps_router_in_float32(model, tmp_path):
   for p, a in got.items():
     want = np.asarray(ref[p]).astype(np.float32 if p[-1] == "gate" else ml_dtypes.bfloat16)
     assert a.dtype == want.dtype and np.array_equal(np.asarray(a), want), p
+
+
+def test_partial_rotary_factor_is_refused():
+  d = config_to_hf(get_config("tiny"), "float32")
+  d["rope_parameters"]["partial_rotary_factor"] = 0.5
+  with pytest.raises(ConfigError, match="^rope_parameters.partial_rotary_factor:"):
+    config_from_hf(d)

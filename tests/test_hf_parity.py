@@ -33,6 +33,7 @@ CASES = {
                               num_experts_per_tok=4, q_lora_rank=40),
     "no_shared_experts_tied": dict(n_shared_experts=0, tie_word_embeddings=True),
     "all_moe_layers": dict(first_k_dense_replace=0, num_hidden_layers=2, rms_norm_eps=1e-5),
+    "dense_only": dict(first_k_dense_replace=9, num_hidden_layers=2),
 }
 
 
@@ -136,3 +137,16 @@ def test_save_from_a_sharded_model_is_exact(tmp_path):
   plain = hf.load(str(tmp_path / "out"))
   for a, b in zip(_params(sharded), _params(plain)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_norm_topk_prob_follows_deepseek_and_warns(tmp_path):
+  """transformers ignores norm_topk_prob; we keep DeepSeek-V2's rule and say so on load."""
+  ref_model = random_hf_model(seed=19, norm_topk_prob=True, routed_scaling_factor=3.0)
+  ref_model.save_pretrained(tmp_path)
+  with pytest.warns(UserWarning, match="norm_topk_prob"):
+    ours = hf.load(str(tmp_path))
+  ids = _ids(4)
+  got = np.asarray(ours(jnp.asarray(ids)))
+  assert rel_err(got, hf_logits(ref_model, ids)) > 1e-3
+  with pytest.warns(UserWarning, match="norm_topk_prob"):
+    hf.save(ours, str(tmp_path / "out"))

@@ -33,6 +33,12 @@ _HARMLESS = {
 }
 
 
+NORM_TOPK_NOTE = (
+    "norm_topk_prob: true: coder_jax follows DeepSeek-V2's definition (top-k weights divided by "
+    "their sum, replacing routed_scaling_factor); transformers' DeepseekV2 ignores this flag, so "
+    "its logits differ from coder_jax's for this config")
+
+
 def _refuse(key, value, why):
   raise ConfigError(f"{key}: {value!r} is not supported ({why})")
 
@@ -48,6 +54,9 @@ def _rope_from(d: dict) -> tuple[float, YarnConfig | None]:
     src, key = scaling or {}, "rope_scaling"
   theta = src.get("rope_theta", d.get("rope_theta", 10000.0))
   kind = src.get("rope_type", src.get("type", "default")) if src else "default"
+  for where, name in ((d, "partial_rotary_factor"), (src, f"{key}.partial_rotary_factor")):
+    if where.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+      _refuse(name, where["partial_rotary_factor"], "MLA rotates the whole qk_rope_head_dim")
   if kind in (None, "default"):
     return float(theta), None
   if kind != "yarn":
@@ -93,7 +102,9 @@ def config_from_hf(d: dict, **runtime) -> ModelConfig:
   if isinstance(kw.get("eos_token_id"), list):
     kw["eos_token_id"] = kw["eos_token_id"][0]
   kw["norm_topk_prob"] = bool(kw.get("norm_topk_prob", False))
-  unknown = sorted(set(d) - set(_DIRECT) - _HARMLESS)
+  if kw["norm_topk_prob"] and (kw.get("num_experts_per_tok") or 0) > 1:
+    warnings.warn(NORM_TOPK_NOTE)
+  unknown = sorted(set(d) - set(_DIRECT) - _HARMLESS - {"partial_rotary_factor"})
   if unknown:
     warnings.warn(f"config.json keys not used by coder_jax: {', '.join(unknown)}")
   return ModelConfig(rope_theta=theta, rope_scaling=yarn, **kw, **runtime)
@@ -106,6 +117,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
                       "transformers' DeepseekV2 (every layer from first_k_dense_replace is MoE)")
   if not cfg.has_moe:
     raise ConfigError("n_routed_experts: transformers' DeepseekV2 needs routed experts")
+  if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+    warnings.warn(NORM_TOPK_NOTE)
   d = {k: getattr(cfg, k) for k in _DIRECT}
   d["n_shared_experts"] = cfg.n_shared_experts or 0
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
