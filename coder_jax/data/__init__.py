@@ -1,0 +1,1 @@
+"""Code data pipeline: corpora, tokenizer, FIM, packing, SeqIO tasks (TensorFlow imported lazily)."""

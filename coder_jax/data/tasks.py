@@ -1,0 +1,140 @@
+"""SeqIO tasks (one per language) and the code mixture over a built corpus.
+
+Preprocessors, in order: FIM + tokenize (per document, `fim.py`), EOS, optional long-document
+upsampling, split into pieces of at most the sequence length (so packing drops no token); then
+`seqio.DecoderFeatureConverter(pack=True)` packs pieces into rows with segment ids and positions.
+TensorFlow and SeqIO are imported here only, never by the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from coder_jax.data.fim import FimConfig, FimIds, fim_tokens
+from coder_jax.data.tokenizer import make_vocabulary
+
+TFDS_NAME = "code_corpus"
+
+
+def language_split(split: str, lang: str) -> str:
+  """TFDS split holding one language (split names allow only word characters)."""
+  return f"{split}_{''.join(c if c.isalnum() else '_' for c in lang)}"
+
+
+def fim_tokenize(dataset, output_features, fim: FimConfig):
+  """{'text', 'key'} -> {'targets': int32 ids in the document's FIM layout}."""
+  vocab = output_features["targets"].vocabulary
+  ids = FimIds(vocab.fim_begin_id, vocab.fim_hole_id, vocab.fim_end_id)
+
+  def py(text, key):
+    out = fim_tokens(text.numpy().decode("utf-8"), key.numpy().decode("utf-8"), fim, ids,
+                     vocab.encode)
+    return np.asarray(out, np.int32)
+
+  def fn(ex):
+    t = tf.py_function(py, [ex["text"], ex["key"]], tf.int32)
+    t.set_shape([None])
+    return {"targets": t}
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def upsample_long_documents(dataset, min_tokens: int = 0, factor: int = 1):
+  """Repeat every document of at least `min_tokens` tokens `factor` times (long-context data)."""
+  if factor <= 1 or min_tokens <= 0:
+    return dataset
+
+  def fn(ex):
+    times = tf.where(tf.size(ex["targets"]) >= min_tokens, factor, 1)
+    return tf.data.Dataset.from_tensors(ex).repeat(tf.cast(times, tf.int64))
+
+  return dataset.flat_map(fn)
+
+
+def split_to_length(dataset, sequence_length):
+  """Cut each token sequence into pieces of at most sequence_length['targets'] tokens."""
+  n = sequence_length["targets"]
+
+  def fn(ex):
+    t = ex["targets"]
+    size = tf.size(t)
+    lengths = tf.minimum(n, size - tf.range(0, size, n))
+    return tf.data.Dataset.from_tensor_slices(
+        {"targets": tf.RaggedTensor.from_row_lengths(t, lengths)})
+
+  return dataset.flat_map(fn).map(lambda ex: {"targets": ex["targets"]})
+
+
+def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = FimConfig(),
+                        rates: dict[str, float] | None = None, prefix: str = "code",
+                        long_doc_min_tokens: int = 0, long_doc_factor: int = 1) -> str:
+  """Register `{prefix}_{lang}` tasks and the `{prefix}_mixture`; returns the mixture name.
+
+  data_dir: the TFDS dataset directory written by `coder_jax.data build` (holds
+  build_stats.json). rates: language -> mixing rate; default proportional to tokens (characters
+  per language divided by that language's characters-per-token on a sample of its documents).
+  """
+  stats = load_build_stats(data_dir)
+  vocab = make_vocabulary(tokenizer_path)
+  features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
+  langs = sorted(l for l, c in stats["per_language"].items() if c["documents"])
+  if rates is None:
+    rates = token_rates(data_dir, stats, vocab, langs)
+  preprocessors = [
+      functools.partial(fim_tokenize, fim=fim),
+      seqio.preprocessors.append_eos,
+      functools.partial(upsample_long_documents, min_tokens=long_doc_min_tokens,
+                        factor=long_doc_factor),
+      split_to_length,
+  ]
+  names = []
+  for lang in langs:
+    name = f"{prefix}_{lang}"
+    splits = {s: language_split(s, lang) for s in ("train", "validation")
+              if stats["per_split_language"].get(s, {}).get(lang)}
+    for reg in (seqio.TaskRegistry, seqio.MixtureRegistry):
+      if name in reg.names():
+        reg.remove(name)
+    seqio.TaskRegistry.add(
+        name, source=seqio.TfdsDataSource(tfds_data_dir=data_dir, splits=splits, read_only=True),
+        preprocessors=preprocessors, output_features=features)
+    names.append(name)
+  mixture = f"{prefix}_mixture"
+  if mixture in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(mixture)
+  seqio.MixtureRegistry.add(mixture, [(f"{prefix}_{l}", float(rates.get(l, 0.0))) for l in langs])
+  return mixture
+
+
+def load_build_stats(data_dir: str) -> dict:
+  path = os.path.join(data_dir, "build_stats.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing; build the corpus with `python -m coder_jax.data "
+                            "build --source PATH --out DATA_DIR` first")
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def token_rates(data_dir, stats, vocab, langs, sample_docs: int = 64) -> dict[str, float]:
+  """Estimated training tokens per language (characters / sampled characters-per-token)."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder_from_directory(data_dir)
+  rates = {}
+  for lang in langs:
+    split = language_split("train", lang)
+    chars = stats["per_split_language"].get("train", {}).get(lang, 0)
+    if not chars or split not in builder.info.splits:
+      continue
+    n_chars = n_tokens = 0
+    for ex in builder.as_dataset(split=split).take(sample_docs).as_numpy_iterator():
+      text = ex["text"].decode("utf-8")
+      n_chars += len(text)
+      n_tokens += len(vocab.encode(text))
+    rates[lang] = chars / max(n_chars / max(n_tokens, 1), 1e-9)
+  return rates
