@@ -169,3 +169,19 @@ def test_bad_pipeline_arguments(corpus):
     _cfg(corpus, seq_len=0)
   with pytest.raises(ValueError, match="^shard_index"):
     Pipeline(_cfg(corpus), shard_index=2, num_shards=2)
+
+
+def test_pack_keeps_every_token_in_order():
+  from coder_jax.data.pipeline import pack
+  rng = np.random.default_rng(0)
+  pieces = [rng.integers(3, 100, n).astype(np.int32) for n in rng.integers(1, 9, 200)]
+  rows = list(pack(iter(pieces), 8, bos_id=1))
+  assert all(r["targets"].shape == (8,) for r in rows)
+  flat = np.concatenate([r["targets"][r["segment_ids"] > 0] for r in rows])
+  assert np.array_equal(flat, np.concatenate(pieces))
+  # next-fit: a row is closed only when the next piece would not fit
+  for r, nxt in zip(rows, rows[1:]):
+    first_next = int((nxt["segment_ids"] == 1).sum())
+    assert int((r["segment_ids"] > 0).sum()) + first_next > 8
+  with pytest.raises(ValueError, match="^seq_len: a piece of 9 tokens exceeds 8"):
+    list(pack(iter([np.zeros(9, np.int32)]), 8, bos_id=1))

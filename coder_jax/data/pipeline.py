@@ -1,5 +1,7 @@
 """Packed training batches from the code mixture: deterministic, host-sharded, resumable.
 
+Packing is next-fit over pieces of at most seq_len tokens, in numpy (seqio's tf.while packer
+batches seq_len documents per round, which at 4096 is slow and memory hungry).
 A batch is a dict of int32 [batch, seq_len] numpy arrays in the model's packed-sequence input:
 `inputs` (BOS-shifted targets per segment), `targets`, `segment_ids` (0 = padding), `positions`
 (restart per segment) and `loss_weights`. Resuming skips deterministically to the next batch:
@@ -37,9 +39,42 @@ class DataConfig:
         raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-_KEYS = {"decoder_input_tokens": "inputs", "decoder_target_tokens": "targets",
-         "decoder_segment_ids": "segment_ids", "decoder_positions": "positions",
-         "decoder_loss_weights": "loss_weights"}
+def pack(pieces: Iterator[np.ndarray], seq_len: int, bos_id: int) -> Iterator[dict]:
+  """Next-fit packing of token pieces (each <= seq_len) into rows of exactly seq_len.
+
+  Within a segment, inputs are the targets shifted right behind BOS; segment ids count from 1
+  and 0 marks padding, which carries no loss.
+  """
+  buf: list[np.ndarray] = []
+  used = 0
+  for piece in pieces:
+    if len(piece) > seq_len:
+      raise ValueError(f"seq_len: a piece of {len(piece)} tokens exceeds {seq_len}")
+    if not len(piece):
+      continue
+    if used + len(piece) > seq_len:
+      yield _row(buf, seq_len, bos_id)
+      buf, used = [], 0
+    buf.append(piece)
+    used += len(piece)
+  if buf:
+    yield _row(buf, seq_len, bos_id)
+
+
+def _row(pieces: list[np.ndarray], seq_len: int, bos_id: int) -> dict:
+  row = {k: np.zeros(seq_len, np.int32) for k in
+         ("inputs", "targets", "segment_ids", "positions", "loss_weights")}
+  at = 0
+  for seg, p in enumerate(pieces, start=1):
+    n = len(p)
+    row["targets"][at:at + n] = p
+    row["inputs"][at] = bos_id
+    row["inputs"][at + 1:at + n] = p[:-1]
+    row["segment_ids"][at:at + n] = seg
+    row["positions"][at:at + n] = np.arange(n)
+    row["loss_weights"][at:at + n] = 1
+    at += n
+  return row
 
 
 class Pipeline:
@@ -49,42 +84,48 @@ class Pipeline:
                start_batch: int = 0, num_epochs: int | None = None):
     if not 0 <= shard_index < num_shards:
       raise ValueError(f"shard_index: must be in [0, {num_shards}), got {shard_index}")
+    if start_batch < 0:
+      raise ValueError(f"start_batch: must be >= 0, got {start_batch}")
     self.cfg, self.shard_index, self.num_shards = cfg, shard_index, num_shards
-    self.batches = start_batch
+    self.start_batch = start_batch
+    self.batches = 0
     self.num_epochs = num_epochs
-    self._it = None
+    self._rows = None
 
-  def dataset(self):
+  def pieces(self):
+    """The mixture's (or task's) token pieces for this shard: FIM'd, EOS'd, split, sampled."""
     import seqio
-    import tensorflow as tf
     from coder_jax.data.tasks import register_code_tasks
     cfg = self.cfg
     name = register_code_tasks(cfg.data_dir, cfg.tokenizer, fim=cfg.fim,
                                rates=dict(cfg.rates) if cfg.rates else None,
                                long_doc_min_tokens=cfg.long_doc_min_tokens,
                                long_doc_factor=cfg.long_doc_factor)
-    if cfg.task:
-      name = cfg.task
-    vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
-    ds = seqio.get_dataset(
-        name, task_feature_lengths={"targets": cfg.seq_len}, dataset_split=cfg.split,
-        shuffle=cfg.shuffle, num_epochs=self.num_epochs, seed=cfg.seed,
-        shard_info=seqio.ShardInfo(self.shard_index, self.num_shards),
-        feature_converter=seqio.DecoderFeatureConverter(pack=True, bos_id=vocab.bos_id),
-        verbose=False)
-    ds = ds.map(lambda ex: {v: tf.cast(ex[k], tf.int32) for k, v in _KEYS.items()})
-    ds = ds.batch(self.cfg.batch_size, drop_remainder=True)
-    return ds.skip(self.batches).prefetch(2)
+    provider = seqio.get_mixture_or_task(cfg.task or name)
+    self.vocabulary = provider.output_features["targets"].vocabulary
+    ds = provider.get_dataset(
+        sequence_length={"targets": cfg.seq_len}, split=cfg.split, shuffle=cfg.shuffle,
+        num_epochs=self.num_epochs, seed=cfg.seed,
+        shard_info=seqio.ShardInfo(self.shard_index, self.num_shards))
+    return (ex["targets"] for ex in ds.prefetch(64).as_numpy_iterator())
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._it is None:
-      self._it = self.dataset().as_numpy_iterator()
-    batch = next(self._it)
+    if self._rows is None:
+      pieces = self.pieces()
+      self._rows = pack(pieces, self.cfg.seq_len, self.vocabulary.bos_id)
+      for _ in range(self.start_batch):  # deterministic stream: skipping is exact resumption
+        self._batch()
+      self.batches = self.start_batch
+    batch = self._batch()
     self.batches += 1
     return batch
+
+  def _batch(self) -> dict[str, np.ndarray]:
+    rows = [next(self._rows) for _ in range(self.cfg.batch_size)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def state(self) -> dict:
     """Save with the training checkpoint; `Pipeline(cfg, start_batch=state['batches'])`."""

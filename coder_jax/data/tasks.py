@@ -22,9 +22,14 @@ from coder_jax.data.tokenizer import make_vocabulary
 TFDS_NAME = "code_corpus"
 
 
+def safe_name(lang: str) -> str:
+  """A language as TFDS split names and SeqIO task names accept it (word characters only)."""
+  return "".join(c if c.isalnum() else "_" for c in lang)
+
+
 def language_split(split: str, lang: str) -> str:
-  """TFDS split holding one language (split names allow only word characters)."""
-  return f"{split}_{''.join(c if c.isalnum() else '_' for c in lang)}"
+  """TFDS split holding one language."""
+  return f"{split}_{safe_name(lang)}"
 
 
 def fim_tokenize(dataset, output_features, fim: FimConfig):
@@ -93,9 +98,12 @@ def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = 
                         factor=long_doc_factor),
       split_to_length,
   ]
+  clash = {safe_name(l) for l in langs if sum(safe_name(m) == safe_name(l) for m in langs) > 1}
+  if clash:
+    raise ValueError(f"languages: {sorted(clash)} stand for more than one language label")
   names = []
   for lang in langs:
-    name = f"{prefix}_{lang}"
+    name = f"{prefix}_{safe_name(lang)}"
     splits = {s: language_split(s, lang) for s in ("train", "validation")
               if stats["per_split_language"].get(s, {}).get(lang)}
     for reg in (seqio.TaskRegistry, seqio.MixtureRegistry):
@@ -108,7 +116,7 @@ def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = 
   mixture = f"{prefix}_mixture"
   if mixture in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(mixture)
-  seqio.MixtureRegistry.add(mixture, [(f"{prefix}_{l}", float(rates.get(l, 0.0))) for l in langs])
+  seqio.MixtureRegistry.add(mixture, [(n, float(rates.get(l, 0.0))) for n, l in zip(names, langs)])
   return mixture
 
 
