@@ -10,7 +10,7 @@ from flax import nnx
 
 from coder_jax.model import (ConfigError, get_config, init_model, register_attention_impl,
                              route, segment_positions, xla_attention)
-from coder_jax.model.moe import dense_experts, ragged_experts
+from coder_jax.model.moe import dense_experts, ragged_experts, tiled_experts
 
 TINY = get_config("tiny")
 
@@ -80,6 +80,13 @@ def test_ragged_experts_match_dense_and_numpy():
       ref[t] += weights[t, j] * ((g / (1 + np.exp(-g)) * u) @ wd[i])
   np.testing.assert_allclose(ragged, ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dense, ref, rtol=1e-4, atol=1e-5)
+  for tile in (1, 4, 128):  # tiles smaller than, near and larger than the groups
+    tiled = np.asarray(tiled_experts(*args, dtype=jnp.float32, tile=tile))
+    np.testing.assert_allclose(tiled, ref, rtol=1e-4, atol=1e-5)
+  unused = args[:1] + [jnp.zeros_like(args[1])] + args[2:]  # every copy to expert 0
+  np.testing.assert_allclose(np.asarray(tiled_experts(*unused, dtype=jnp.float32, tile=8)),
+                             np.asarray(dense_experts(*unused, dtype=jnp.float32)),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_attention_against_numpy_with_segments():
@@ -132,7 +139,7 @@ def test_router_stats_exclude_padding():
 def test_scan_unrolled_and_moe_impls_agree():
   ids = jnp.asarray(np.random.default_rng(5).integers(0, 512, (2, 16)))
   base = np.asarray(init_model(TINY, seed=2)(ids))
-  for kw in (dict(scan_layers=False), dict(moe_impl="dense")):
+  for kw in (dict(scan_layers=False), dict(moe_impl="dense"), dict(moe_impl="tiled")):
     other = np.asarray(init_model(TINY.replace(**kw), seed=2)(ids))
     np.testing.assert_allclose(other, base, rtol=1e-5, atol=1e-5)
 
@@ -211,3 +218,21 @@ def test_interleaved_moe_layers_run_as_separate_stacks():
   logits, aux = model(jnp.zeros((1, 6), jnp.int32), return_aux=True)
   assert logits.shape == (1, 6, 512) and len(aux["router"]) == 2
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_tiled_experts_gradients_match_dense():
+  rng = np.random.default_rng(8)
+  n, d, f, e, k = 20, 8, 6, 5, 2
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+  experts = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+  weights = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
+
+  def loss(impl, x, *ws):
+    return jnp.sum(jnp.sin(impl(x, experts, weights, *ws, dtype=jnp.float32)))
+
+  g_tiled = jax.grad(functools.partial(loss, functools.partial(tiled_experts, tile=4)),
+                     argnums=(0, 1, 2, 3))(x, *ws)
+  g_dense = jax.grad(functools.partial(loss, dense_experts), argnums=(0, 1, 2, 3))(x, *ws)
+  for a, b in zip(g_tiled, g_dense):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
