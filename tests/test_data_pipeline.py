@@ -155,9 +155,11 @@ def test_cli_build_and_show(corpus, tmp_path, capsys):
                    "--vocab_size", "600"]) == 0
   out = capsys.readouterr().out
   assert "unknown_extension" in out and "python" in out and "tokenizer.json" in out
-  assert cli.main(["show", "--data_dir", str(tmp_path), "--seq_len", "512", "--num", "2"]) == 0
+  assert cli.main(["show", "--data_dir", str(tmp_path), "--seq_len", "512", "--num", "8",
+                   "--fim_rate", "1.0", "--max_chars", "100000"]) == 0
   out = capsys.readouterr().out
-  assert out.count("=== row") == 2 and "--- segment 1" in out
+  assert out.count("=== row") == 8 and "--- segment 1" in out
+  assert "<｜fim▁begin｜>" in out and "<｜fim▁hole｜>" in out  # FIM markers visible
   assert cli.main(["build", "--source", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
   assert "does not exist" in capsys.readouterr().err
   assert cli.main(["show", "--data_dir", str(tmp_path / "nothing")]) == 2
@@ -185,3 +187,27 @@ def test_pack_keeps_every_token_in_order():
     assert int((r["segment_ids"] > 0).sum()) + first_next > 8
   with pytest.raises(ValueError, match="^seq_len: a piece of 9 tokens exceeds 8"):
     list(pack(iter([np.zeros(9, np.int32)]), 8, bos_id=1))
+
+
+def test_mixture_rates_default_to_tokens_and_can_be_set(corpus):
+  import seqio
+  import tensorflow_datasets as tfds
+  from coder_jax.data.tasks import register_code_tasks
+  vocab = make_vocabulary(corpus["tok"])
+  builder = tfds.builder_from_directory(corpus["dataset_dir"])
+  tokens = {}
+  for split in builder.info.splits:
+    if split.startswith("train_"):
+      tokens[split[len("train_"):]] = sum(
+          len(vocab.encode(ex["text"].decode())) for ex in
+          builder.as_dataset(split=split).as_numpy_iterator())
+  name = register_code_tasks(corpus["dataset_dir"], corpus["tok"])
+  mixture = seqio.get_mixture_or_task(name)
+  rates = {t.name[len("code_"):]: mixture.get_rate(t) for t in mixture.tasks}
+  assert set(rates) == {"python", "c", "java"}
+  for lang, n in tokens.items():  # small corpus: the sample is every document, so exact
+    assert rates[lang] == pytest.approx(n, rel=1e-6)
+  register_code_tasks(corpus["dataset_dir"], corpus["tok"], rates={"python": 1.0, "c": 3.0})
+  mixture = seqio.get_mixture_or_task(name)
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
+      "code_python": 1.0, "code_c": 3.0, "code_java": 0.0}

@@ -24,3 +24,13 @@ def test_flags_are_checked(capsys):
   with pytest.raises(SystemExit):
     entry.main([])
   assert "at least one --gin_file" in capsys.readouterr().err
+
+
+def test_model_side_never_imports_tensorflow():
+  import subprocess
+  import sys
+  code = ("import sys, coder_jax.model, coder_jax.hf, coder_jax.main, coder_jax.model.info, "
+          "pallas_kernels, coder_jax.data.fim, coder_jax.data.corpus; "
+          "bad = [m for m in ('tensorflow', 'seqio', 'tensorflow_datasets', 'torch') "
+          "if m in sys.modules]; assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True)
