@@ -6,8 +6,6 @@ with `register_attention_impl(name, fn)` and pick it with `ModelConfig.attention
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,25 +13,16 @@ from jax.ad_checkpoint import checkpoint_name
 
 from coder_jax.model.config import ModelConfig
 from coder_jax.model.layers import RMSNorm, dtype_of, normal_param
+from coder_jax.model.registry import ImplRegistry
 from coder_jax.model.rope import apply_rope
 
 # The reference (and the released checkpoints) use the RMSNorm default eps for the two low-rank
 # norms, not config.rms_norm_eps.
 LORA_NORM_EPS = 1e-6
 
-AttentionFn = Callable[..., jnp.ndarray]
-_ATTENTION_IMPLS: dict[str, AttentionFn] = {}
-
-
-def register_attention_impl(name: str, fn: AttentionFn) -> None:
-  _ATTENTION_IMPLS[name] = fn
-
-
-def get_attention_impl(name: str) -> AttentionFn:
-  if name not in _ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl: unknown implementation {name!r}; "
-                     f"registered: {', '.join(sorted(_ATTENTION_IMPLS))}")
-  return _ATTENTION_IMPLS[name]
+_ATTENTION_IMPLS = ImplRegistry("attention_impl")
+register_attention_impl = _ATTENTION_IMPLS.register
+get_attention_impl = _ATTENTION_IMPLS.get
 
 
 def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool = True):

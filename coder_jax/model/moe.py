@@ -6,7 +6,7 @@ An expert implementation is any function with the signature of `ragged_experts`;
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +14,11 @@ from flax import nnx
 
 from coder_jax.model.config import ModelConfig
 from coder_jax.model.layers import MLP, dtype_of, normal_param
+from coder_jax.model.registry import ImplRegistry
 
-MoeFn = Callable[..., jnp.ndarray]
-_MOE_IMPLS: dict[str, MoeFn] = {}
-
-
-def register_moe_impl(name: str, fn: MoeFn) -> None:
-  _MOE_IMPLS[name] = fn
-
-
-def get_moe_impl(name: str) -> MoeFn:
-  if name not in _MOE_IMPLS:
-    raise ValueError(f"moe_impl: unknown implementation {name!r}; "
-                     f"registered: {', '.join(sorted(_MOE_IMPLS))}")
-  return _MOE_IMPLS[name]
+_MOE_IMPLS = ImplRegistry("moe_impl")
+register_moe_impl = _MOE_IMPLS.register
+get_moe_impl = _MOE_IMPLS.get
 
 
 class RouterOutput(NamedTuple):
