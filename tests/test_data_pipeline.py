@@ -84,14 +84,14 @@ def _segments(batches):
   return out
 
 
-def _expected_pieces(corpus, lang, fim):
+def _expected_pieces(corpus, lang, fim, split="train"):
   """Every document of the task, FIM-formatted + EOS, cut into SEQ-long pieces."""
   import tensorflow_datasets as tfds
   vocab = make_vocabulary(corpus["tok"])
   ids = FimIds(vocab.fim_begin_id, vocab.fim_hole_id, vocab.fim_end_id)
   builder = tfds.builder_from_directory(corpus["dataset_dir"])
   pieces = []
-  for ex in builder.as_dataset(split=f"train_{lang}").as_numpy_iterator():
+  for ex in builder.as_dataset(split=f"{split}_{lang}").as_numpy_iterator():
     toks = fim_tokens(ex["text"].decode(), ex["key"].decode(), fim, ids, vocab.encode)
     toks = toks + [vocab.eos_id]
     pieces += [tuple(toks[i:i + SEQ]) for i in range(0, len(toks), SEQ)]
@@ -211,3 +211,33 @@ def test_mixture_rates_default_to_tokens_and_can_be_set(corpus):
   mixture = seqio.get_mixture_or_task(name)
   assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
       "code_python": 1.0, "code_c": 3.0, "code_java": 0.0}
+
+
+def test_last_partial_batch_is_padded_not_dropped(corpus):
+  fim = FimConfig(rate=0.5, seed=4)
+  batches = list(Pipeline(_cfg(corpus, batch_size=64, task="code_python", fim=fim), num_epochs=1))
+  assert collections.Counter(_segments(batches)) == collections.Counter(
+      _expected_pieces(corpus, "python", fim))
+  last = batches[-1]
+  assert not last["segment_ids"][-1].any() and not last["loss_weights"][-1].any()
+
+
+def test_one_validation_pass_covers_every_language(corpus):
+  fim = FimConfig(rate=0.5, seed=0)
+  langs = sorted(corpus["stats"]["per_split_language"]["validation"])
+  got = _segments(list(Pipeline(_cfg(corpus, split="validation", batch_size=3, fim=fim),
+                                num_epochs=1)))
+  want = [p for lang in langs for p in _expected_pieces(corpus, lang, fim, "validation")]
+  assert collections.Counter(got) == collections.Counter(want)
+
+
+def test_bad_rates_and_missing_splits_are_clear_errors(corpus):
+  with pytest.raises(ValueError, match=r"^rates: \['Python'\] are not languages"):
+    next(Pipeline(_cfg(corpus, rates=(("Python", 1.0),))))
+  with pytest.raises(ValueError, match="^rates: no language has a positive rate"):
+    next(Pipeline(_cfg(corpus, rates=(("python", 0.0),))))
+  train_langs = set(corpus["stats"]["per_split_language"]["train"])
+  missing = sorted(set(corpus["stats"]["per_language"]) - train_langs)
+  if missing:
+    with pytest.raises(ValueError, match=f"^split: code_{missing[0]} has no 'train' data"):
+      next(Pipeline(_cfg(corpus, task=f"code_{missing[0]}")))

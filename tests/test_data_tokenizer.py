@@ -118,12 +118,13 @@ def test_round_trip_tricky(vocab, text):
 
 
 def test_eos_semantics(vocab):
-  # SeqIO's decode stops after the first EOS; the raw tokenizer keeps everything.
-  text = "a" + tk.EOS + "b"
+  # A literal special-token string in document text stays text (no control id), round trips,
+  # and SeqIO's decode stops after a real EOS id.
+  text = "a" + tk.EOS + "b" + tk.FIM_HOLE
   ids = vocab.encode(text)
-  assert vocab.eos_id in ids
-  assert vocab.decode(ids) == "a" + tk.EOS
-  assert vocab.tokenizer.decode(ids, skip_special_tokens=False) == text
+  assert not {vocab.eos_id, vocab.fim_hole_id, vocab.bos_id} & set(ids)
+  assert vocab.decode(ids) == text
+  assert vocab.decode(vocab.encode("a") + [vocab.eos_id] + vocab.encode("b")) == "a" + tk.EOS
   # Padding ids decode to nothing.
   assert vocab.decode(vocab.encode("xy") + [vocab.pad_id] * 3) == "xy"
 
@@ -133,8 +134,10 @@ def test_vocabulary_properties(vocab):
   assert (vocab.pad_id, vocab.bos_id, vocab.eos_id) == (0, 1, 2)
   assert (vocab.fim_begin_id, vocab.fim_hole_id, vocab.fim_end_id) == (3, 4, 5)
   assert vocab.unk_id is None and vocab.extra_ids == 0
-  specials = [vocab.encode(t) for t in tk.SPECIAL_TOKENS]
-  assert all(len(s) == 1 for s in specials)
+  specials = [vocab.tokenizer.token_to_id(t) for t in tk.SPECIAL_TOKENS]
+  assert specials == [vocab.bos_id, vocab.eos_id, vocab.fim_begin_id, vocab.fim_hole_id,
+                      vocab.fim_end_id]
+  specials = [[i] for i in specials]
   assert len({s[0] for s in specials}) == len(specials)
   with pytest.raises(ValueError, match="1000"):
     vocab.decode([1000])

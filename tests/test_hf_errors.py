@@ -293,3 +293,24 @@ def test_partial_rotary_factor_is_refused():
   d["rope_parameters"]["partial_rotary_factor"] = 0.5
   with pytest.raises(ConfigError, match="^rope_parameters.partial_rotary_factor:"):
     config_from_hf(d)
+
+
+def test_remote_code_export_without_shared_experts_loads(tmp_path):
+  """n_shared_experts: null and no zero-width shared_experts tensors (the remote-code layout)."""
+  model = init_model(get_config("tiny", n_shared_experts=0), seed=2)
+  out = tmp_path / "ck"
+  hf.save(model, str(out))
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["n_shared_experts"] = None
+  (out / "config.json").write_text(json.dumps(cfg))
+  f = SafetensorsFile(str(out / ST))
+  keep = [k for k in f.keys() if "shared_experts" not in k]
+  data = {k: np.array(f[k]) for k in keep}
+  write_file(str(out / "tmp.safetensors"), [(k, data[k].shape, data[k].dtype) for k in keep],
+             data.__getitem__)
+  os.replace(out / "tmp.safetensors", out / ST)
+  loaded = hf.load(str(out))
+  assert loaded.cfg.n_shared_experts is None
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+    assert np.array_equal(np.asarray(a), np.asarray(b))

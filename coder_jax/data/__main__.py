@@ -52,11 +52,19 @@ def cmd_build(args) -> None:
 
 
 def _texts(dataset_dir, limit):
+  """Up to `limit` training documents taken round-robin over the languages, so the tokenizer
+  sees every language rather than the alphabetically first ones."""
   import tensorflow_datasets as tfds
   builder = tfds.builder_from_directory(dataset_dir)
+  iters = [builder.as_dataset(split=s).as_numpy_iterator()
+           for s in sorted(s for s in builder.info.splits if s.startswith("train_"))]
   n = 0
-  for split in sorted(s for s in builder.info.splits if s.startswith("train_")):
-    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+  while iters and n < limit:
+    for it in list(iters):
+      ex = next(it, None)
+      if ex is None:
+        iters.remove(it)
+        continue
       yield ex["text"].decode("utf-8")
       n += 1
       if n >= limit:

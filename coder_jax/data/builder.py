@@ -99,6 +99,8 @@ def build(sources, data_dir: str, *, name: str | None = None, max_file_bytes: in
   if os.path.exists(stats_path):
     with open(stats_path) as fh:
       return builder.data_dir, json.load(fh)
+  if os.path.exists(builder.data_dir):  # prepared, but the build stopped before its statistics
+    shutil.rmtree(builder.data_dir)
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
@@ -109,6 +111,7 @@ def build(sources, data_dir: str, *, name: str | None = None, max_file_bytes: in
   stats = builder.build_stats.to_dict()
   stats["per_split_language"] = builder.per_split_language
   stats["sources"] = list(builder.builder_config.sources)
-  with open(stats_path, "w") as fh:
+  with open(stats_path + ".tmp", "w") as fh:
     json.dump(stats, fh, indent=2)
+  os.replace(stats_path + ".tmp", stats_path)  # its presence marks a finished build
   return builder.data_dir, stats

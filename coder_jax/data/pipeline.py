@@ -100,8 +100,11 @@ class Pipeline:
     name = register_code_tasks(cfg.data_dir, cfg.tokenizer, fim=cfg.fim,
                                rates=dict(cfg.rates) if cfg.rates else None,
                                long_doc_min_tokens=cfg.long_doc_min_tokens,
-                               long_doc_factor=cfg.long_doc_factor)
+                               long_doc_factor=cfg.long_doc_factor, rate_split=cfg.split)
     provider = seqio.get_mixture_or_task(cfg.task or name)
+    if cfg.split not in provider.splits:
+      raise ValueError(f"split: {provider.name} has no {cfg.split!r} data "
+                       f"(it has: {', '.join(provider.splits) or 'none'})")
     self.vocabulary = provider.output_features["targets"].vocabulary
     ds = provider.get_dataset(
         sequence_length={"targets": cfg.seq_len}, split=cfg.split, shuffle=cfg.shuffle,
@@ -124,7 +127,16 @@ class Pipeline:
     return batch
 
   def _batch(self) -> dict[str, np.ndarray]:
-    rows = [next(self._rows) for _ in range(self.cfg.batch_size)]
+    """batch_size rows; at the end of a finite pass the last batch is filled with padding rows
+    (segment id 0, no loss), so no token is dropped."""
+    rows = []
+    for _ in range(self.cfg.batch_size):
+      try:
+        rows.append(next(self._rows))
+      except StopIteration:
+        if not rows:
+          raise
+        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def state(self) -> dict:

@@ -78,19 +78,28 @@ def split_to_length(dataset, sequence_length):
 
 def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = FimConfig(),
                         rates: dict[str, float] | None = None, prefix: str = "code",
-                        long_doc_min_tokens: int = 0, long_doc_factor: int = 1) -> str:
+                        long_doc_min_tokens: int = 0, long_doc_factor: int = 1,
+                        rate_split: str = "train") -> str:
   """Register `{prefix}_{lang}` tasks and the `{prefix}_mixture`; returns the mixture name.
 
   data_dir: the TFDS dataset directory written by `coder_jax.data build` (holds
-  build_stats.json). rates: language -> mixing rate; default proportional to tokens (characters
-  per language divided by that language's characters-per-token on a sample of its documents).
+  build_stats.json). rates: language -> mixing rate; default proportional to the tokens of
+  `rate_split` (characters per language divided by that language's characters-per-token on a
+  sample of its documents). A language whose data runs out (or that a host's shard lacks) drops
+  out of the sampling instead of ending the stream.
   """
   stats = load_build_stats(data_dir)
   vocab = make_vocabulary(tokenizer_path)
   features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
   langs = sorted(l for l, c in stats["per_language"].items() if c["documents"])
   if rates is None:
-    rates = token_rates(data_dir, stats, vocab, langs)
+    rates = token_rates(data_dir, stats, vocab, langs, split=rate_split)
+  else:
+    unknown = sorted(set(rates) - set(langs))
+    if unknown:
+      raise ValueError(f"rates: {unknown} are not languages of this corpus ({', '.join(langs)})")
+  if not sum(max(float(rates.get(l, 0.0)), 0.0) for l in langs) > 0:
+    raise ValueError(f"rates: no language has a positive rate (split {rate_split!r})")
   preprocessors = [
       functools.partial(fim_tokenize, fim=fim),
       seqio.preprocessors.append_eos,
@@ -116,7 +125,10 @@ def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = 
   mixture = f"{prefix}_mixture"
   if mixture in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(mixture)
-  seqio.MixtureRegistry.add(mixture, [(n, float(rates.get(l, 0.0))) for n, l in zip(names, langs)])
+  seqio.MixtureRegistry.add(
+      mixture, [(n, float(rates.get(l, 0.0))) for n, l in zip(names, langs)],
+      sample_fn=functools.partial(tf.data.Dataset.sample_from_datasets,
+                                  stop_on_empty_dataset=False))
   return mixture
 
 
@@ -129,18 +141,19 @@ def load_build_stats(data_dir: str) -> dict:
     return json.load(fh)
 
 
-def token_rates(data_dir, stats, vocab, langs, sample_docs: int = 64) -> dict[str, float]:
-  """Estimated training tokens per language (characters / sampled characters-per-token)."""
+def token_rates(data_dir, stats, vocab, langs, sample_docs: int = 64,
+                split: str = "train") -> dict[str, float]:
+  """Estimated tokens per language in `split` (characters / sampled characters-per-token)."""
   import tensorflow_datasets as tfds
   builder = tfds.builder_from_directory(data_dir)
   rates = {}
   for lang in langs:
-    split = language_split("train", lang)
-    chars = stats["per_split_language"].get("train", {}).get(lang, 0)
-    if not chars or split not in builder.info.splits:
+    name = language_split(split, lang)
+    chars = stats["per_split_language"].get(split, {}).get(lang, 0)
+    if not chars or name not in builder.info.splits:
       continue
     n_chars = n_tokens = 0
-    for ex in builder.as_dataset(split=split).take(sample_docs).as_numpy_iterator():
+    for ex in builder.as_dataset(split=name).take(sample_docs).as_numpy_iterator():
       text = ex["text"].decode("utf-8")
       n_chars += len(text)
       n_tokens += len(vocab.encode(text))

@@ -198,7 +198,12 @@ def _vocabulary_class() -> type:
 
     def _ensure_loaded(self) -> tokenizers.Tokenizer:
       if self._tok is None:
-        self._tok, self._digest = _load_with_digest(self._path)
+        tok, self._digest = _load_with_digest(self._path)
+        # Document text never yields control ids: a literal "<｜end▁of▁sentence｜>" in source
+        # code is encoded as ordinary bytes; BOS/EOS/FIM markers are inserted by id.
+        tok = tokenizers.Tokenizer.from_str(tok.to_str())
+        tok.encode_special_tokens = True
+        self._tok = tok
       return self._tok
 
     @property

@@ -101,6 +101,8 @@ def _tensor_files(path: str) -> dict[str, SafetensorsFile]:
 def _check(specs: list[TensorSpec], where: dict[str, SafetensorsFile], cfg: ModelConfig):
   wanted = {s.name for s in specs}
   for s in specs:
+    if s.name not in where and s.path is None:  # an empty placeholder may be absent
+      continue
     if s.name not in where:
       raise CheckpointError(f"missing tensor {s.name!r} (expected shape {list(s.hf_shape)})")
     got = where[s.name].shape(s.name)
@@ -109,6 +111,8 @@ def _check(specs: list[TensorSpec], where: dict[str, SafetensorsFile], cfg: Mode
                             f"{list(s.hf_shape)} from config.json")
   for name in where:
     if name in wanted or name.endswith(IGNORED_SUFFIXES):
+      continue
+    if 0 in where[name].shape(name):  # holds no weights (e.g. a zero-width shared MLP)
       continue
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue

@@ -104,7 +104,7 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     if cfg.n_shared_experts:
       specs += _mlp(f"{p}.mlp.shared_experts", mlp + ("shared_experts",), i, d,
                     f * cfg.n_shared_experts)
-    else:  # transformers still builds (and saves) a zero-width shared MLP
+    else:  # transformers builds (and saves) a zero-width MLP; remote-code exports have none
       specs += [_copy(f"{p}.mlp.shared_experts.{n}_proj.weight", None, (), shape)
                 for n, shape in (("gate", (0, d)), ("up", (0, d)), ("down", (d, 0)))]
   specs.append(_copy("model.norm.weight", ("norm", "weight"), (), (d,)))
