@@ -28,9 +28,8 @@ def pipeline_rate(data_dir: str, tok: str, seq_len: int, batch: int, batches: in
   pipe = Pipeline(DataConfig(data_dir, tok, seq_len=seq_len, batch_size=batch, seed=0))
   next(pipe)  # graph construction, file opening, shuffle buffer fill
   t0 = time.perf_counter()
-  for _ in range(batches):
-    next(pipe)
-  return batches * batch * seq_len / (time.perf_counter() - t0)
+  tokens = sum(int((next(pipe)["segment_ids"] > 0).sum()) for _ in range(batches))
+  return tokens / (time.perf_counter() - t0)  # real tokens: padding is not counted
 
 
 def train_rate(cfg, seq_len: int, batch: int, steps: int) -> float:

@@ -314,3 +314,13 @@ def test_remote_code_export_without_shared_experts_loads(tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                   jax.tree.leaves(nnx.state(loaded, nnx.Param))):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_runtime_overrides(ck):
+  model = hf.load(str(ck), remat_policy="full", moe_impl="tiled", compute_dtype=jnp.bfloat16)
+  assert (model.cfg.remat_policy, model.cfg.moe_impl, model.cfg.dtype) == ("full", "tiled",
+                                                                           "bfloat16")
+  with pytest.raises(TypeError, match="^param_dtype: pass the parameter dtype as dtype="):
+    hf.load(str(ck), param_dtype="bfloat16")
+  with pytest.raises(ConfigError, match="^remat_policy:"):
+    hf.load(str(ck), remat_policy="sometimes")

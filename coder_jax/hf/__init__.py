@@ -145,6 +145,8 @@ def load(path: str, dtype=jnp.float32, *, mesh=None, compute_dtype=None, **runti
   mesh: optional jax Mesh; parameters are then sharded by the logical-axis rules.
   runtime: further ModelConfig runtime fields (attention_impl, moe_impl, remat_policy, ...).
   """
+  if "param_dtype" in runtime:
+    raise TypeError("param_dtype: pass the parameter dtype as dtype= (activations: compute_dtype=)")
   pname = jnp.dtype(dtype).name
   cfg = load_config(path, param_dtype=pname, dtype=jnp.dtype(compute_dtype or dtype).name, **runtime)
   where = _tensor_files(path)

@@ -107,7 +107,7 @@ def config_from_hf(d: dict, **runtime) -> ModelConfig:
   unknown = sorted(set(d) - set(_DIRECT) - _HARMLESS - {"partial_rotary_factor"})
   if unknown:
     warnings.warn(f"config.json keys not used by coder_jax: {', '.join(unknown)}")
-  return ModelConfig(rope_theta=theta, rope_scaling=yarn, **kw, **runtime)
+  return ModelConfig(**{**kw, "rope_theta": theta, "rope_scaling": yarn, **runtime})
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,14 +19,23 @@ PARAMS_NAME = "params"
 
 
 def save_model(model: DeepseekV2, directory: str) -> str:
+  """Written beside the target and renamed into place, so a failed save leaves nothing."""
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f"{directory}: exists")
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(directory, PARAMS_NAME), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  ckpt.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
-    json.dump(config_to_dict(model.cfg), fh, indent=2)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(os.path.join(tmp, PARAMS_NAME), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+      ckpt.wait_until_finished()
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
+      json.dump(config_to_dict(model.cfg), fh, indent=2)
+    os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return directory
 
 
@@ -39,6 +50,7 @@ def load_model(directory: str, **runtime) -> DeepseekV2:
   graphdef, state = nnx.split(abstract)
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                         nnx.to_pure_dict(state))
-  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_NAME), target)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(os.path.join(directory, PARAMS_NAME), target)
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
