@@ -140,19 +140,25 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_load(path: str, mtime_ns: int, size: int) -> tuple[tokenizers.Tokenizer, str]:
-  """Shares one Tokenizer per file version between vocabulary copies (tf.data deep-copies)."""
+def _cached_load(path: str, mtime_ns: int, size: int,
+                 text_mode: bool) -> tuple[tokenizers.Tokenizer, str]:
+  """Shares one Tokenizer per file version between vocabulary copies (tf.data deep-copies).
+
+  text_mode: document text never yields control ids, so a literal "<｜end▁of▁sentence｜>" in
+  source code is encoded as ordinary bytes; BOS/EOS/FIM markers are inserted by id.
+  """
   del mtime_ns, size  # cache key only: a rewritten file gets reloaded
   tok = load_tokenizer(path)
   # Hash the re-serialized tokenizer so formatting differences between files do not matter.
   digest = hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+  tok.encode_special_tokens = text_mode
   return tok, digest
 
 
-def _load_with_digest(path: str) -> tuple[tokenizers.Tokenizer, str]:
+def _load_with_digest(path: str, text_mode: bool = False) -> tuple[tokenizers.Tokenizer, str]:
   path = os.path.abspath(_resolve_path(path))
   st = os.stat(path)
-  return _cached_load(path, st.st_mtime_ns, st.st_size)
+  return _cached_load(path, st.st_mtime_ns, st.st_size, text_mode)
 
 
 # --- SeqIO vocabulary (class built lazily so this module does not import TF).
@@ -198,12 +204,7 @@ def _vocabulary_class() -> type:
 
     def _ensure_loaded(self) -> tokenizers.Tokenizer:
       if self._tok is None:
-        tok, self._digest = _load_with_digest(self._path)
-        # Document text never yields control ids: a literal "<｜end▁of▁sentence｜>" in source
-        # code is encoded as ordinary bytes; BOS/EOS/FIM markers are inserted by id.
-        tok = tokenizers.Tokenizer.from_str(tok.to_str())
-        tok.encode_special_tokens = True
-        self._tok = tok
+        self._tok, self._digest = _load_with_digest(self._path, text_mode=True)
       return self._tok
 
     @property
