@@ -119,6 +119,7 @@ def test_same_seed_same_batches_and_resume(corpus):
   first = Pipeline(_cfg(corpus, seed=5))
   _take(first, 3)
   resumed = Pipeline(_cfg(corpus, seed=5), start_batch=first.state()["batches"])
+  assert resumed.state()["batches"] == 3  # a resumed pipeline reports its position at once
   for x, y in zip(a[3:], _take(resumed, 2)):
     assert all(np.array_equal(x[k], y[k]) for k in x)
 
@@ -171,6 +172,8 @@ def test_bad_pipeline_arguments(corpus):
     _cfg(corpus, seq_len=0)
   with pytest.raises(ValueError, match="^shard_index"):
     Pipeline(_cfg(corpus), shard_index=2, num_shards=2)
+  with pytest.raises(ValueError, match="^start_batch: must be >= 0"):
+    Pipeline(_cfg(corpus), start_batch=-1)
 
 
 def test_pack_keeps_every_token_in_order():

@@ -34,11 +34,8 @@ def find_dataset(data_dir: str) -> str:
 
 def cmd_build(args) -> None:
   from coder_jax.data.builder import STATS_NAME, build
-  from coder_jax.data.corpus import BuildStats, CorpusError, default_sources
+  from coder_jax.data.corpus import BuildStats, default_sources
   sources = args.source or default_sources(include_c_headers=args.c_headers)
-  for s in sources:
-    if not os.path.exists(s):
-      raise CorpusError(f"{s}: corpus path does not exist")
   dataset_dir, _ = build(sources, args.out, max_file_bytes=args.max_file_bytes,
                          validation_fraction=args.validation_fraction)
   print(BuildStats.load(os.path.join(dataset_dir, STATS_NAME)).format())

@@ -16,7 +16,7 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
-from coder_jax.data.corpus import BuildStats, iter_documents, split_of
+from coder_jax.data.corpus import BuildStats, check_sources, iter_documents, split_of
 from coder_jax.data.tasks import TFDS_NAME, language_split
 
 STATS_NAME = "build_stats.json"
@@ -87,6 +87,7 @@ def build(sources, data_dir: str, *, name: str | None = None, max_file_bytes: in
   The config name defaults to a hash of the sources and settings, so a different corpus in the
   same DATA_DIR is a different dataset rather than a stale reuse.
   """
+  sources = check_sources(sources)  # before TFDS creates any directory
   if name is None:
     spec = json.dumps([sorted(os.path.abspath(s) for s in sources), max_file_bytes,
                        validation_fraction])

@@ -157,7 +157,8 @@ def _source_name(source: str) -> str:
   return os.path.basename(os.path.normpath(os.path.abspath(source))) or "root"
 
 
-def _check_sources(sources: Sequence[str]) -> list[str]:
+def check_sources(sources: Sequence[str]) -> list[str]:
+  """The sources as paths, or CorpusError before any work (missing, none, colliding names)."""
   if isinstance(sources, (str, bytes, os.PathLike)):
     raise CorpusError(f"sources: expected a sequence of paths, got the single path {sources!r}")
   paths = [os.fspath(s) for s in sources]
@@ -165,7 +166,7 @@ def _check_sources(sources: Sequence[str]) -> list[str]:
     raise CorpusError("sources: no corpus sources given")
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise CorpusError(f"sources: not found: {', '.join(missing)}")
+    raise CorpusError(f"sources: does not exist: {', '.join(missing)}")
   # Keys start with the source's base name; two equal names would give two
   # documents one key, and TFDS rejects duplicate keys only after hours of work.
   seen: dict[str, str] = {}
@@ -383,7 +384,7 @@ def iter_documents(sources: Sequence[str], stats: BuildStats, *, max_file_bytes:
   used are counted in stats.skipped; documents themselves are counted only
   when the consumer calls stats.add, so stats reflect what was kept.
   """
-  paths = _check_sources(sources)
+  paths = check_sources(sources)
   if max_file_bytes <= 0:
     raise ValueError(f"max_file_bytes: must be positive, got {max_file_bytes}")
   return _iter(paths, _Reader(stats, max_file_bytes, dedup))

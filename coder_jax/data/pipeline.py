@@ -87,8 +87,7 @@ class Pipeline:
     if start_batch < 0:
       raise ValueError(f"start_batch: must be >= 0, got {start_batch}")
     self.cfg, self.shard_index, self.num_shards = cfg, shard_index, num_shards
-    self.start_batch = start_batch
-    self.batches = 0
+    self.batches = start_batch  # batches consumed, counting those a resume skips
     self.num_epochs = num_epochs
     self._rows = None
 
@@ -119,9 +118,8 @@ class Pipeline:
     if self._rows is None:
       pieces = self.pieces()
       self._rows = pack(pieces, self.cfg.seq_len, self.vocabulary.bos_id)
-      for _ in range(self.start_batch):  # deterministic stream: skipping is exact resumption
+      for _ in range(self.batches):  # deterministic stream: skipping is exact resumption
         self._batch()
-      self.batches = self.start_batch
     batch = self._batch()
     self.batches += 1
     return batch
