@@ -1,7 +1,11 @@
 """gin entry point: flags only, the logic lives in the library.
 
-    python -m coder_jax.main --gin_file=gin_configs/runs/demo.gin [--gin_file=...]
-        [--gin.NAME=VALUE ...] [--gin_search_paths=DIR1,DIR2]
+    python -m coder_jax.main --gin_file=gin_configs/experiments/tiny_pretrain.gin
+        [--gin_file=...] [--gin.NAME=VALUE ...] [--gin_search_paths=DIR1,DIR2] [--dry_run]
+
+--dry_run resolves the config and prints the mesh, parameter counts and per-device memory of
+parameters + optimizer state without training. Multi-host runs are joined from the launchers'
+environment (coder_jax.parallel.distributed).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_flags(argv):
   ap = argparse.ArgumentParser(prog="python -m coder_jax.main", description=__doc__.split("\n")[0])
   ap.add_argument("--gin_file", action="append", default=[], help="repeatable")
+  ap.add_argument("--dry_run", action="store_true", help="print mesh and memory, do not train")
   ap.add_argument("--gin_search_paths", default=REPO_ROOT,
                   help="comma-separated directories for gin_file and include paths")
   args, rest = ap.parse_known_args(argv)
@@ -33,14 +38,27 @@ def parse_flags(argv):
 
 def main(argv=None):
   args, bindings = parse_flags(sys.argv[1:] if argv is None else argv)
+  from coder_jax.parallel.distributed import initialize_from_env
+  initialize_from_env()
   from coder_jax.stages import launch, register_all
   register_all()
   for p in args.gin_search_paths.split(","):
     if p:
       gin.add_config_file_search_path(p)
   gin.parse_config_files_and_bindings(args.gin_file, bindings)
-  return launch()
+  return launch(dry_run=args.dry_run)
+
+
+def run(argv=None) -> int:
+  """main() with errors a user can fix reported as one line and exit status 2."""
+  from coder_jax.model.config import ConfigError  # noqa: F401  (a ValueError)
+  try:
+    main(argv)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run())

@@ -15,7 +15,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
 
 
@@ -33,39 +32,15 @@ def find_dataset(data_dir: str) -> str:
 
 
 def cmd_build(args) -> None:
-  from coder_jax.data.builder import STATS_NAME, build
-  from coder_jax.data.corpus import BuildStats, default_sources
-  sources = args.source or default_sources(include_c_headers=args.c_headers)
-  dataset_dir, _ = build(sources, args.out, max_file_bytes=args.max_file_bytes,
-                         validation_fraction=args.validation_fraction)
+  from coder_jax.data.builder import STATS_NAME
+  from coder_jax.data.corpus import BuildStats
+  from coder_jax.data.prepare import prepare
+  dataset_dir, tok_path = prepare(
+      args.out, args.source, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+      max_file_bytes=args.max_file_bytes, validation_fraction=args.validation_fraction,
+      tokenizer_docs=args.tokenizer_docs, c_headers=args.c_headers)
   print(BuildStats.load(os.path.join(dataset_dir, STATS_NAME)).format())
-  tok_path = os.path.join(args.out, "tokenizer.json")
-  if args.tokenizer:
-    shutil.copyfile(args.tokenizer, tok_path)
-  elif not os.path.exists(tok_path):
-    from coder_jax.data.tokenizer import train_tokenizer
-    train_tokenizer(_texts(dataset_dir, args.tokenizer_docs), args.vocab_size, tok_path)
   print(f"dataset   {dataset_dir}\ntokenizer {tok_path}")
-
-
-def _texts(dataset_dir, limit):
-  """Up to `limit` training documents taken round-robin over the languages, so the tokenizer
-  sees every language rather than the alphabetically first ones."""
-  import tensorflow_datasets as tfds
-  builder = tfds.builder_from_directory(dataset_dir)
-  iters = [builder.as_dataset(split=s).as_numpy_iterator()
-           for s in sorted(s for s in builder.info.splits if s.startswith("train_"))]
-  n = 0
-  while iters and n < limit:
-    for it in list(iters):
-      ex = next(it, None)
-      if ex is None:
-        iters.remove(it)
-        continue
-      yield ex["text"].decode("utf-8")
-      n += 1
-      if n >= limit:
-        return
 
 
 def cmd_show(args) -> None:

@@ -66,6 +66,15 @@ class ModelConfig:
   initializer_range: float = 0.02
   bos_token_id: int | None = 100000
   eos_token_id: int | None = 100001
+  # -- training-time routing (not in config.json; DeepSeek-V2 section 2.2.2/2.2.3)
+  # Experts form `routing_devices` contiguous groups (the devices of the expert axis); with
+  # `routing_device_limit` = M a token's experts come from at most M groups. The device-level
+  # and communication balance losses are computed over the same groups.
+  routing_devices: int = 1
+  routing_device_limit: int | None = None
+  # Token dropping while training: each device sends at most ceil(capacity_factor * copies / D)
+  # token copies to each expert-parallel device, dropping the lowest-affinity ones (None: dropless).
+  capacity_factor: float | None = None
   # -- runtime: how the same function is computed
   dtype: str = "float32"          # activations / matmul inputs
   param_dtype: str = "float32"    # stored weights (the router is always float32)
@@ -156,6 +165,19 @@ def validate(c: ModelConfig) -> None:
             f"must be in [1, n_group={g}], got {tg!r}")
       _need(k <= tg * (e // g), "num_experts_per_tok",
             f"{k} experts cannot be chosen from topk_group={tg} groups of {e // g}")
+  if c.has_moe:
+    d = c.routing_devices
+    _need(isinstance(d, int) and d >= 1 and c.n_routed_experts % d == 0, "routing_devices",
+          f"must divide n_routed_experts={c.n_routed_experts}, got {d!r}")
+    m = c.routing_device_limit
+    if m is not None:
+      _need(isinstance(m, int) and 1 <= m <= d, "routing_device_limit",
+            f"must be null or in [1, routing_devices={d}], got {m!r}")
+      _need(c.num_experts_per_tok <= m * (c.n_routed_experts // d), "routing_device_limit",
+            f"{c.num_experts_per_tok} experts cannot be chosen from {m} devices of "
+            f"{c.n_routed_experts // d}")
+  _need(c.capacity_factor is None or c.capacity_factor > 0, "capacity_factor",
+        f"must be null (dropless) or > 0, got {c.capacity_factor!r}")
   y = c.rope_scaling
   if y is not None:
     _need(isinstance(y, YarnConfig), "rope_scaling", f"must be a YarnConfig or null, got {y!r}")

@@ -17,6 +17,7 @@ from coder_jax.model.config import ModelConfig
 from coder_jax.model.layers import MLP, RMSNorm, dtype_of, normal_param
 from coder_jax.model.moe import MoE
 from coder_jax.model.rope import rope_tables
+from coder_jax.parallel.rules import constrain
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -30,6 +31,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
     pd = dtype_of(cfg.param_dtype)
     self.kind = kind
+    self.routing_devices = cfg.routing_devices
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.self_attn = MLAttention(cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
@@ -43,22 +45,28 @@ class DecoderLayer(nnx.Module):
     h = self.post_attention_layernorm(x)
     if self.kind == "moe":
       y, routing = self.mlp(h)
-      return x + y, router_stats(routing, segment_ids)
-    return x + self.mlp(h), None
+      out, aux = x + y, router_stats(routing, segment_ids, self.routing_devices)
+    else:
+      out, aux = x + self.mlp(h), None
+    return constrain(out, ("batch", "activation_length", "activation_embed")), aux
 
 
-def router_stats(r, segment_ids_BT):
+def router_stats(r, segment_ids_BT, num_devices: int = 1):
   """Per-sequence sums the balance losses are built from (padding, segment id 0, excluded).
 
-  score_sum[b, e] = sum_t s_{t,e}; count[b, e] = #tokens t routed to e; tokens[b] = #valid t.
+  score_sum[b, e] = sum_t s_{t,e}; count[b, e] = #tokens t routed to e; tokens[b] = #valid t;
+  device_count[b, i] = #tokens t with at least one expert in device group i (of num_devices
+  contiguous groups).
   """
   b, t = segment_ids_BT.shape
   valid = (segment_ids_BT > 0).astype(jnp.float32)
   e = r.scores_NE.shape[-1]
   scores = r.scores_NE.reshape(b, t, e)
   chosen = jax.nn.one_hot(r.experts_NK.reshape(b, t, -1), e, dtype=jnp.float32).sum(axis=2)
+  on_device = chosen.reshape(b, t, num_devices, e // num_devices).max(axis=-1)
   return dict(score_sum=jnp.einsum("bte,bt->be", scores, valid),
               count=jnp.einsum("bte,bt->be", chosen, valid),
+              device_count=jnp.einsum("bti,bt->bi", on_device, valid),
               tokens=valid.sum(axis=1))
 
 
@@ -142,6 +150,7 @@ class DeepseekV2(nnx.Module):
         raise ValueError(f"{name} must have the shape of input_ids {input_ids_BT.shape}, "
                          f"got {jnp.shape(a)}")
     x = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.dtype))
+    x = constrain(x, ("batch", "activation_length", "activation_embed"))
     cos, sin = rope_tables(cfg, jnp.asarray(positions_BT))
     router = []
     for stack in self.stacks:

@@ -27,18 +27,25 @@ class RouterOutput(NamedTuple):
   weights_NK: jnp.ndarray    # combine weights (after scaling / normalisation), float32
 
 
+def _keep_best_groups(scores_NE, num_groups: int, keep: int):
+  """Zero every expert outside the `keep` groups (of `num_groups` contiguous ones) whose best
+  expert scores highest."""
+  n, e = scores_NE.shape
+  group_best = scores_NE.reshape(n, num_groups, e // num_groups).max(axis=-1)
+  _, top_groups = jax.lax.top_k(group_best, keep)
+  keep_group = jnp.zeros((n, num_groups), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+  return jnp.where(jnp.repeat(keep_group, e // num_groups, axis=1), scores_NE, 0.0)
+
+
 def route(logits_NE, cfg: ModelConfig) -> RouterOutput:
   scores = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
   k = cfg.num_experts_per_tok
   choose_from = scores
   if cfg.topk_method == "group_limited_greedy":
-    n, e = scores.shape
-    g = cfg.n_group
-    group_best = scores.reshape(n, g, e // g).max(axis=-1)
-    _, top_groups = jax.lax.top_k(group_best, cfg.topk_group)
-    keep_group = jnp.zeros((n, g), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
-    keep = jnp.repeat(keep_group, e // g, axis=1)
-    choose_from = jnp.where(keep, scores, 0.0)
+    choose_from = _keep_best_groups(scores, cfg.n_group, cfg.topk_group)
+  if cfg.routing_device_limit is not None and cfg.routing_device_limit < cfg.routing_devices:
+    # Device-limited routing: keep the M devices holding the highest-affinity experts.
+    choose_from = _keep_best_groups(choose_from, cfg.routing_devices, cfg.routing_device_limit)
   weights, experts = jax.lax.top_k(choose_from, k)
   if k > 1 and cfg.norm_topk_prob:
     # DeepSeek-V2's rule: normalised weights replace the routed scaling.
@@ -132,10 +139,12 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     b, t, d = x_BTD.shape
     x = x_BTD.reshape(b * t, d)
+    from coder_jax.parallel.expert import experts_forward
     r = route(x.astype(jnp.float32) @ self.gate[...], cfg)
-    y = get_moe_impl(cfg.moe_impl)(
-        x, r.experts_NK, r.weights_NK, self.experts_gate_proj[...], self.experts_up_proj[...],
-        self.experts_down_proj[...], dtype=dt)
+    affinity = jnp.take_along_axis(r.scores_NE, r.experts_NK, axis=-1)
+    y = experts_forward(cfg, x, r.experts_NK, r.weights_NK, affinity, self.experts_gate_proj[...],
+                        self.experts_up_proj[...], self.experts_down_proj[...],
+                        impl=get_moe_impl(cfg.moe_impl), dtype=dt)
     y = y.reshape(b, t, d)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x_BTD)

@@ -68,3 +68,12 @@ def named_sharding(mesh: Mesh, axes, shape) -> NamedSharding:
 
 def single_device_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), MESH_AXES)
+
+
+def constrain(x, axes):
+  """Pin an activation's sharding by logical axis names under the current mesh (no-op without
+  one), so XLA does not pick a layout that gathers the batch."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))

@@ -1,14 +1,22 @@
 """Runnable stages (thin: they wire library pieces together). `launch` runs the gin-chosen one."""
 
+import inspect
+
 import gin
 
 
 @gin.configurable
-def launch(stage=gin.REQUIRED):
-  """Run the stage a run config names, e.g. `launch.stage = @model_demo`."""
+def launch(stage=gin.REQUIRED, dry_run: bool = False):
+  """Run the stage a run config names, e.g. `launch.stage = @pretrain`."""
+  if dry_run:
+    if "dry_run" not in inspect.signature(stage).parameters:
+      raise ValueError(f"--dry_run: stage {getattr(stage, '__name__', stage)!r} has no dry run")
+    return stage(dry_run=True)
   return stage()
 
 
 def register_all():
   """Import every stage module so their gin configurables exist before parsing."""
-  from coder_jax.stages import demo  # noqa: F401
+  from coder_jax.stages import demo, pretrain  # noqa: F401
+  from coder_jax.train import data, losses, optim  # noqa: F401
+  from coder_jax.parallel import mesh  # noqa: F401
