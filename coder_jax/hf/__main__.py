@@ -2,6 +2,7 @@
 
     python -m coder_jax.hf import --hf_dir HF_DIR --out CKPT_DIR [--dtype float32]
     python -m coder_jax.hf export --checkpoint CKPT_DIR --out HF_DIR [--dtype bfloat16]
+    python -m coder_jax.hf export --train_dir MODEL_DIR [--step N] --out HF_DIR  # a training run
     python -m coder_jax.hf export --preset tiny --seed 0 --out HF_DIR     # a fresh random model
 """
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
   src = exp.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint")
   src.add_argument("--preset", choices=sorted(PRESETS))
+  src.add_argument("--train_dir", help="a pretraining MODEL_DIR (its latest checkpoint)")
+  exp.add_argument("--step", type=int, help="with --train_dir: this checkpoint step")
   exp.add_argument("--seed", type=int, default=0)
   exp.add_argument("--out", required=True)
   exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -42,8 +45,14 @@ def main(argv=None) -> int:
       print(report(model.cfg, args.hf_dir))
       print(f"saved {save_model(model, args.out)}")
     else:
-      model = (load_model(args.checkpoint) if args.checkpoint
-               else init_model(get_config(args.preset), seed=args.seed))
+      if args.train_dir:
+        from coder_jax.train.checkpoint import load_params
+        model, step = load_params(args.train_dir, args.step)
+        print(f"loaded step {step} of {args.train_dir}")
+      elif args.checkpoint:
+        model = load_model(args.checkpoint)
+      else:
+        model = init_model(get_config(args.preset), seed=args.seed)
       out = hf.save(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     overwrite=args.overwrite)
       print(f"saved {out}")

@@ -176,6 +176,17 @@ def validate(c: ModelConfig) -> None:
       _need(c.num_experts_per_tok <= m * (c.n_routed_experts // d), "routing_device_limit",
             f"{c.num_experts_per_tok} experts cannot be chosen from {m} devices of "
             f"{c.n_routed_experts // d}")
+      if c.topk_method == "group_limited_greedy":
+        # Both filters apply: bound the experts left in the worst case.
+        g, tg = c.n_group, c.topk_group
+        _need(g % d == 0 or d % g == 0, "routing_device_limit",
+              f"with group-limited routing, n_group={g} and routing_devices={d} must nest "
+              "(one must divide the other)")
+        left = (min(m, tg) * (c.n_routed_experts // g) if g % d == 0
+                else min(m, tg * (d // g)) * (c.n_routed_experts // d))
+        _need(c.num_experts_per_tok <= left, "routing_device_limit",
+              f"{c.num_experts_per_tok} experts cannot be chosen when topk_group={tg} of "
+              f"n_group={g} and {m} of routing_devices={d} leave only {left} in the worst case")
   _need(c.capacity_factor is None or c.capacity_factor > 0, "capacity_factor",
         f"must be null (dropless) or > 0, got {c.capacity_factor!r}")
   y = c.rope_scaling

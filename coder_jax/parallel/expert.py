@@ -119,6 +119,9 @@ def experts_forward(cfg, x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, 
     y = impl(x_ND, experts_NK, weights_NK, wg, wu, wd, dtype=dtype)
     return (y, jnp.ones(experts_NK.shape, bool)) if return_kept else y
   n = x_ND.shape[0]
+  if e % ep:
+    raise ValueError(f"expert parallelism: {e} routed experts cannot be split over the mesh's "
+                     f"expert axis of {ep}")
   if mesh is None:
     cap = capacity(n * experts_NK.shape[1], 1, cfg.capacity_factor, drop)
     y, kept = _local_moe(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, impl=impl,

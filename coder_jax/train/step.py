@@ -71,23 +71,21 @@ def make_train_step(graphdef, cfg, optimizer, schedule, *, alphas=BalanceLossCon
                  "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32)}
     load = counts / jnp.maximum(counts.sum(axis=-1, keepdims=True), 1.0) if counts.size else counts
     metrics = {"loss": loss, "ce_loss": ce_sum / num_tokens, **bal, "grad_norm": grad_norm,
-               "learning_rate": schedule(state["step"]), "tokens": num_tokens,
+               "learning_rate": schedule(_schedule_count(state["opt_state"], state["step"])),
+               "tokens": num_tokens,
                "skipped": (~ok).astype(jnp.int32), "expert_load": load}
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(graphdef, cfg):
-  """eval_step(params, batch) -> (sum of token losses, tokens). Dropless whatever the config."""
-
-  def eval_step(params, batch):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-    return (cross_entropy_sum(logits, batch["targets"], batch["loss_weights"]),
-            batch["loss_weights"].astype(jnp.float32).sum())
-
-  return eval_step
+def _schedule_count(opt_state, step):
+  """The step count the learning-rate schedule used: skipped updates keep the optimizer state,
+  its count included, so the schedule does not advance on them."""
+  found = [x.count for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+           if isinstance(x, optax.ScaleByScheduleState)]
+  return found[0] if found else step
 
 
 def loss_and_grads(graphdef, cfg, params, batch, alphas=BalanceLossConfig()):
