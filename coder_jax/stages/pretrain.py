@@ -167,7 +167,7 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   flops_per_token = train_flops_per_token(cfg, seq_len)
   peak = peak_tflops_per_device * 1e12 if peak_tflops_per_device else peak_flops_per_device()
   log = MetricsLog(model_dir, enabled=primary)
-  progress = Progress(train_steps, start_step=start, stream=sys.stderr if primary else _Null())
+  progress = None  # made after the first step, so compile time does not skew the ETA
   poison = set(int(s) for s in nan_injection_steps)
   consecutive, losses, step = 0, {}, start
   last_saved = latest
@@ -196,6 +196,9 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                 f"({consecutive} in a row)", file=sys.stderr, flush=True)
         else:
           consecutive = 0
+        if progress is None:
+          progress = Progress(train_steps, start_step=step,
+                              stream=sys.stderr if primary else _Null())
         if step % log_every == 0 or step == train_steps:
           log.write(step, v)
           progress.update(step, v)
@@ -216,7 +219,8 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           reason = "stop_after"
           break
   finally:
-    progress.close()
+    if progress is not None:
+      progress.close()
     log.close()
     ckpt.close()
   if reason == "preempted":
