@@ -6,7 +6,7 @@
 #     launch/local.sh [--gin_file=F ...] [--gin.NAME=VALUE ...]
 #
 # Every argument goes to `python -m coder_jax.main` unchanged (run.sh adds
-# --gin_file=gin_configs/runs/demo.gin when none is given).
+# --gin_file=gin_configs/experiments/tiny_pretrain.gin when none is given).
 #
 # Environment:
 #   FAKE_DEVICES=N      prepend --xla_force_host_platform_device_count=N to XLA_FLAGS
@@ -21,9 +21,9 @@
 #                       the .venv setup (for tests and debugging).
 #
 # Examples:
-#   launch/local.sh --gin_file=gin_configs/runs/demo.gin --gin.model_demo.seq_len=256
-#   FAKE_DEVICES=8 launch/local.sh --gin_file=gin_configs/runs/demo.gin
-#   NUM_PROCESSES=2 FAKE_DEVICES=4 launch/local.sh --gin_file=gin_configs/runs/demo.gin
+#   launch/local.sh --gin.TRAIN_STEPS=600
+#   FAKE_DEVICES=8 launch/local.sh --gin.mesh_config.expert=4
+#   NUM_PROCESSES=2 FAKE_DEVICES=4 launch/local.sh --gin.pretrain.data=@SyntheticData()
 #   DRY_RUN=1 NUM_PROCESSES=2 launch/local.sh --gin.MODEL_DIR="'/tmp/a b'"
 set -euo pipefail
 

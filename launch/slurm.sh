@@ -29,8 +29,8 @@
 #
 # Examples:
 #   launch/slurm.sh --nodes 4 --partition gpu --time 48:00:00 \
-#       --gin_file=gin_configs/runs/demo.gin --gin.MODEL_DIR="'/shared/runs/a b'"
-#   DRY_RUN=1 launch/slurm.sh --nodes 2 --gin_file=gin_configs/runs/demo.gin
+#       --gin_file=gin_configs/experiments/coder_v2_lite_pretrain.gin --gin.MODEL_DIR="'/shared/runs/a b'"
+#   DRY_RUN=1 launch/slurm.sh --nodes 2 --gin_file=gin_configs/experiments/coder_v2_lite_pretrain.gin
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -28,9 +28,9 @@
 #
 # Examples:
 #   launch/tpu_vm.sh --tpu my-v5p --zone us-east5-a --create --setup \
-#       --gin_file=gin_configs/runs/demo.gin
+#       --gin_file=gin_configs/experiments/coder_v2_lite_pretrain.gin
 #   DRY_RUN=1 launch/tpu_vm.sh --tpu my-v5p --zone us-east5-a \
-#       --gin_file=gin_configs/runs/demo.gin --gin.MODEL_DIR="'gs://bucket/run 1'"
+#       --gin_file=gin_configs/experiments/coder_v2_lite_pretrain.gin --gin.MODEL_DIR="'/mnt/shared/run 1'"
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -3,6 +3,7 @@ and the trainer call."""
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 
@@ -18,7 +19,8 @@ def prepare(data_dir: str, sources=None, *, vocab_size: int = 8192, tokenizer: s
                          validation_fraction=validation_fraction)
   tok_path = os.path.join(data_dir, "tokenizer.json")
   if tokenizer:
-    shutil.copyfile(tokenizer, tok_path)
+    if not (os.path.exists(tok_path) and filecmp.cmp(tokenizer, tok_path, shallow=False)):
+      shutil.copyfile(tokenizer, tok_path)
   elif not os.path.exists(tok_path):
     from coder_jax.data.tokenizer import train_tokenizer
     train_tokenizer(_texts(dataset_dir, tokenizer_docs), vocab_size, tok_path)

@@ -39,8 +39,15 @@ class CodeData:
     from coder_jax.data.pipeline import DataConfig, Pipeline
     from coder_jax.data.prepare import prepare
     from coder_jax.data.tokenizer import load_tokenizer
-    dataset_dir, tok = prepare(self.data_dir, list(self.sources) if self.sources else None,
-                               vocab_size=self.vocab_size or model_vocab, tokenizer=self.tokenizer)
+    import jax
+    args = (self.data_dir, list(self.sources) if self.sources else None)
+    kw = dict(vocab_size=self.vocab_size or model_vocab, tokenizer=self.tokenizer)
+    if jax.process_count() > 1:  # one host builds a shared DATA_DIR, the others then reuse it
+      from jax.experimental import multihost_utils
+      if jax.process_index() == 0:
+        prepare(*args, **kw)
+      multihost_utils.sync_global_devices("coder_jax: data prepared")
+    dataset_dir, tok = prepare(*args, **kw)
     n = load_tokenizer(tok).get_vocab_size(with_added_tokens=True)
     if n > model_vocab:
       raise ValueError(f"vocab_size: the tokenizer {tok} has {n} tokens but the model's "
