@@ -243,3 +243,22 @@ def test_export_training_checkpoint_to_hf(tmp_path):
   ids = np.random.default_rng(0).integers(0, 512, (2, 16)).astype(np.int32)
   np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(trained(ids)))
   assert hf_main(["export", "--train_dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_continued_pretraining_from_hf(tmp_path):
+  """init_from_hf: the architecture comes from config.json, the first step's loss is the HF
+  model's loss on the first batch."""
+  from flax import nnx
+  from coder_jax import hf
+  from coder_jax.model.config import get_config
+  from coder_jax.model.decoder import init_model
+  from coder_jax.train.step import loss_and_grads
+  src = init_model(get_config("tiny", num_hidden_layers=2, first_k_dense_replace=1), seed=7)
+  hf.save(src, str(tmp_path / "hf"))
+  res = _pretrain(tmp_path / "run", 1, init_from_hf=str(tmp_path / "hf"))
+  assert res["model_config"].num_hidden_layers == 2
+  batch = next(SyntheticData().open(model_vocab=512, batch_rows=8, seq_len=32, shard=0,
+                                    num_shards=1, start_batch=0))
+  loss, _ = jax.jit(lambda p, b: loss_and_grads(nnx.graphdef(src), src.cfg, p, b))(
+      nnx.to_pure_dict(nnx.state(src, nnx.Param)), batch)
+  np.testing.assert_allclose(res["losses"][1], float(loss), rtol=1e-5)

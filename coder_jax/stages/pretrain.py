@@ -149,8 +149,8 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       params = None
       if init_from_hf:
         from coder_jax import hf
-        loaded = hf.load(init_from_hf, jnp.float32, mesh=mesh,
-                         **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
+        loaded = hf.load(init_from_hf, jnp.float32, mesh=mesh, compute_dtype=cfg.dtype,
+                         **{f: getattr(cfg, f) for f in RUNTIME_FIELDS if f != "dtype"})
         params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
         print(f"initialised from {init_from_hf}", flush=True)
       _, state, _ = train_state.init_state(cfg, optimizer, mesh, seed=seed, params=params)
