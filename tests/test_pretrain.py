@@ -59,6 +59,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
               max_consecutive_nonfinite=3)
   steps = sorted(int(s) for s in os.listdir(tmp_path / "many" / "checkpoints") if s.isdigit())
   assert steps == [3]
+  # A forced save (stop_after, SIGTERM, the last step) still happens inside a streak.
+  res = _pretrain(tmp_path / "stop", 10, nan_injection_steps=(2,), stop_after=2)
+  assert res["reason"] == "stop_after" and res["last_checkpoint"] == 2
 
 
 
@@ -101,6 +104,7 @@ def test_dry_run_lite_on_8_devices(capsys):
     (["--gin.BATCH_SIZE=4"], "batch_size=4 (micro-batch 4 with grad_accum_steps=1) is not divisible by data x fsdp x expert = 1 x 8 x 1 = 8"),
     (["--gin.mesh_config.expert=3"], "8 devices are not divisible by the fixed axes"),
     (["--gin.pretrain.grad_accum_steps=3"], "batch_size=8 is not divisible by grad_accum_steps=3"),
+    (["--gin.balance_loss.comm_alpha=0.02"], "device_alpha / comm_alpha are set but model_config.routing_devices is 1"),
 ])
 def test_config_errors_are_reported_before_compiling(tmp_path, capsys, bindings, message):
   gin.clear_config()

@@ -44,7 +44,7 @@ class DecoderLayer(nnx.Module):
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
     h = self.post_attention_layernorm(x)
     if self.kind == "moe":
-      y, routing = self.mlp(h)
+      y, routing = self.mlp(h, segment_ids)
       out, aux = x + y, router_stats(routing, segment_ids, self.routing_devices)
     else:
       out, aux = x + self.mlp(h), None

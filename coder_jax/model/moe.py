@@ -135,13 +135,15 @@ class MoE(nnx.Module):
     else:
       self.shared_experts = None
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, segment_ids_BT=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     b, t, d = x_BTD.shape
     x = x_BTD.reshape(b * t, d)
     from coder_jax.parallel.expert import experts_forward
     r = route(x.astype(jnp.float32) @ self.gate[...], cfg)
     affinity = jnp.take_along_axis(r.scores_NE, r.experts_NK, axis=-1)
+    if segment_ids_BT is not None:  # padding copies are the first to go when over capacity
+      affinity = jnp.where(segment_ids_BT.reshape(-1, 1) > 0, affinity, -jnp.inf)
     y = experts_forward(cfg, x, r.experts_NK, r.weights_NK, affinity, self.experts_gate_proj[...],
                         self.experts_up_proj[...], self.experts_down_proj[...],
                         impl=get_moe_impl(cfg.moe_impl), dtype=dt)

@@ -5,8 +5,11 @@ Per device (n local tokens, k experts each, P expert-parallel devices):
   1. every token copy goes to device expert // (E / P);
   2. at most C copies go from one device to each device: dropless C = n*k (nothing can be
      dropped); capacity mode C = ceil(capacity_factor * n*k / P), and a device keeps, for each
-     destination, the C copies with the highest routing affinity (softmax score of that expert;
-     ties: lower token index first) and drops the rest (DeepSeek-V2's per-device budget);
+     destination, the C copies with the highest routing affinity (softmax score of that expert,
+     -inf for padding tokens; ties: lower token index first) and drops the rest.
+     DeepSeek-V2 budgets each receiving device over all senders; a budget per (sender,
+     receiver) pair is what fixed-size all_to_all buffers allow without a second exchange, and
+     it drops more under uneven routing (the receiver-side rule is future work);
   3. `all_to_all` over `expert` moves [P, C, d] buffers; each device runs its E/P experts on
      what it received with the local grouped-matmul implementation (`moe_impl`);
   4. a second `all_to_all` returns the outputs, which are weighted and summed per token.
@@ -109,24 +112,25 @@ def _local_moe(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, *, impl, d
 
 def experts_forward(cfg, x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, *, impl, dtype,
                     return_kept: bool = False):
-  """Routed-expert output [N, D]: plain `impl` when no mesh shards experts and nothing is dropped,
-  else the dispatch above. return_kept: also the [N, k] mask of copies that were computed."""
+  """Routed-expert output [N, D]. Under a mesh that splits the batch, each device computes its own
+  tokens inside `shard_map` (automatic partitioning would gather the routing sort and run every
+  expert on the global batch); with expert > 1 or dropping, through the dispatch above.
+  return_kept: also the [N, k] mask of copies that were computed."""
   mesh = current_mesh()
   ep = mesh.shape.get("expert", 1) if mesh is not None else 1
   drop = dropping_enabled() and cfg.capacity_factor is not None
   e = wg.shape[0]
-  if ep == 1 and not drop:
-    y = impl(x_ND, experts_NK, weights_NK, wg, wu, wd, dtype=dtype)
-    return (y, jnp.ones(experts_NK.shape, bool)) if return_kept else y
-  n = x_ND.shape[0]
+  n, k = experts_NK.shape
   if e % ep:
     raise ValueError(f"expert parallelism: {e} routed experts cannot be split over the mesh's "
                      f"expert axis of {ep}")
-  if mesh is None:
-    cap = capacity(n * experts_NK.shape[1], 1, cfg.capacity_factor, drop)
-    y, kept = _local_moe(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, impl=impl,
-                         dtype=dtype, num_experts=e, axis=None, num_devices=1, cap=cap,
-                         tensor_axis=None)
+  if mesh is None or mesh.size == 1:
+    if drop:
+      y, kept = _local_moe(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, impl=impl,
+                           dtype=dtype, num_experts=e, axis=None, num_devices=1,
+                           cap=capacity(n * k, 1, cfg.capacity_factor, True), tensor_axis=None)
+    else:
+      y, kept = impl(x_ND, experts_NK, weights_NK, wg, wu, wd, dtype=dtype), jnp.ones((n, k), bool)
     return (y, kept) if return_kept else y
   tok_spec = logical_to_spec(("batch",), (n,), mesh)[0]
   tok_axes = (tok_spec,) if isinstance(tok_spec, str) else tuple(tok_spec or ())
@@ -135,7 +139,7 @@ def experts_forward(cfg, x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, 
                      f"{dict(mesh.shape)}; the batch must be divisible by data x fsdp x expert")
   shards = math.prod(mesh.shape[a] for a in tok_axes)
   n_local = n // shards
-  cap = capacity(n_local * experts_NK.shape[1], ep, cfg.capacity_factor, drop)
+  cap = capacity(n_local * k, ep, cfg.capacity_factor, drop)
   w_spec = logical_to_spec(("experts", "embed", "expert_mlp"), wg.shape, mesh)
   tensor_axis = "tensor" if w_spec[2] == "tensor" else None
   w_in = P(w_spec[0], None, w_spec[2])      # gathered over fsdp at the boundary
@@ -143,6 +147,11 @@ def experts_forward(cfg, x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, 
   tok = P(tok_spec, None)
 
   def body(x, ex, w, a, g, u, dn):
+    if ep == 1 and not drop:  # this device's tokens through its (all) experts
+      y = impl(x, ex, w, g, u, dn, dtype=dtype)
+      if tensor_axis is not None:
+        y = jax.lax.psum(y.astype(jnp.float32), tensor_axis).astype(dtype)
+      return y, jnp.ones(ex.shape, bool)
     return _local_moe(x, ex, w, a, g, u, dn, impl=impl, dtype=dtype, num_experts=e,
                       axis="expert" if ep > 1 else None, num_devices=ep, cap=cap,
                       tensor_axis=tensor_axis)

@@ -52,6 +52,15 @@ def resolve_model_config(init_from_hf: str | None, compute_dtype: str):
   return gin_cfg.replace(**runtime)
 
 
+def check_balance(cfg, alphas: BalanceLossConfig):
+  """The device-level and communication losses need device groups to balance."""
+  if cfg.has_moe and cfg.routing_devices == 1 and (alphas.device_alpha or alphas.comm_alpha):
+    raise ValueError(
+        "balance_loss: device_alpha / comm_alpha are set but model_config.routing_devices is 1, "
+        "so both losses would be constants; set routing_devices to the expert-parallel device "
+        "count (or a multiple of it) or the alphas to 0")
+
+
 def _gb(n: float) -> str:
   return f"{n / 2**30:,.2f} GiB"
 
@@ -125,12 +134,14 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   cfg = resolve_model_config(init_from_hf, compute_dtype)
   optimizer, schedule = make_optimizer(opt_cfg, train_steps)
   if dry_run:
+    check_balance(cfg, alphas)
     return dry_run_report(cfg, mesh_cfg, optimizer, num_devices=dry_run_devices or jax.device_count(),
                           batch_size=batch_size, seq_len=seq_len, grad_accum_steps=grad_accum_steps)
   if train_steps < 1 or checkpoint_every < 1:
     raise ValueError("pretrain: train_steps and checkpoint_every must be >= 1")
   mesh = make_mesh(mesh_cfg)
   check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+  check_balance(cfg, alphas)
   primary = jax.process_index() == 0
   nproc = jax.process_count()
   if batch_size % nproc:
@@ -173,8 +184,10 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   last_saved = latest
   reason = "done"
   t_prev = time.perf_counter()
+  # The guard stays installed through the final checkpoint wait: a second SIGTERM cannot cut it.
+  guard = PreemptionGuard().__enter__()
   try:
-    with jax.set_mesh(mesh), PreemptionGuard() as guard:
+    with jax.set_mesh(mesh):
       while step < train_steps:
         local = next(stream)
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -207,10 +220,11 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           break
         stop = guard.requested()
         done_here = stop_after is not None and step - start >= stop_after
-        if consecutive == 0 and (step % checkpoint_every == 0 or step == train_steps or stop
-                                 or done_here):
-          if ckpt.save(step, state, {"batches": stream.state()["batches"]}, cfg,
-                       force=stop or done_here or step == train_steps):
+        forced = stop or done_here or step == train_steps
+        # Periodic saves wait out a non-finite streak so rotation keeps the last good one; a
+        # forced save is safe within it (skipped updates left parameters and optimizer alone).
+        if forced or (consecutive == 0 and step % checkpoint_every == 0):
+          if ckpt.save(step, state, {"batches": stream.state()["batches"]}, cfg, force=forced):
             last_saved = step
         if stop:
           reason = "preempted"
@@ -223,8 +237,9 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       progress.close()
     log.close()
     ckpt.close()
+    guard.__exit__(None, None, None)
   if reason == "preempted":
-    print(f"SIGTERM: saved checkpoint at step {step} in {ckpt.directory}", flush=True)
+    print(f"SIGTERM: saved checkpoint at step {last_saved} in {ckpt.directory}", flush=True)
   if reason == "nonfinite":
     raise NonFiniteLossError(
         f"stopping at step {step}: {consecutive} consecutive steps with a non-finite loss or "
