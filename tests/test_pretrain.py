@@ -2,7 +2,6 @@
 of the big presets, errors before compiling, metrics files, continued pretraining from a Hugging
 Face checkpoint and export of a training checkpoint. (Runs in subprocesses: test_pretrain_resume.)"""
 
-import json
 import os
 import shutil
 import time

@@ -1,7 +1,6 @@
 """The pretraining command in subprocesses: resume after kill -9 (bit for bit), SIGTERM saves,
 two processes over loopback equal one."""
 
-import json
 import os
 import shutil
 import signal

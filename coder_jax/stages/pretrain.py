@@ -7,8 +7,6 @@ TensorBoard events under MODEL_DIR.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
 import time
 

@@ -34,13 +34,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
   def save(self, step: int, state, data_state: dict, model_cfg, *, force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        model_config=ocp.args.JsonSave(_jsonable(config_to_dict(model_cfg)))), force=force)
+        model_config=ocp.args.JsonSave(config_to_dict(model_cfg))), force=force)
 
   def restore(self, step: int, abstract_state, shardings):
     """(state placed by `shardings`, data position dict) of checkpoint `step`."""
@@ -50,23 +47,20 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
 
 
-def _jsonable(d):
-  return {k: (_jsonable(v) if isinstance(v, dict) else v) for k, v in d.items()}
+def _read_only_manager(model_dir: str):
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR),
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=("state", "data", "model_config"))
 
 
 def read_model_config(model_dir: str, step: int | None = None, **runtime):
   """The ModelConfig stored with a training checkpoint (latest step by default)."""
-  mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR),
-                              options=ocp.CheckpointManagerOptions(read_only=True),
-                              item_names=("state", "data", "model_config"))
+  mgr = _read_only_manager(model_dir)
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{model_dir}: no training checkpoint under {CHECKPOINT_SUBDIR}/")
@@ -87,9 +81,7 @@ def load_params(model_dir: str, step: int | None = None, *, mesh=None, **runtime
   shard = to_shardings(param_specs(abstract_state, mesh), mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         params_abs, shard)
-  mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR),
-                              options=ocp.CheckpointManagerOptions(read_only=True),
-                              item_names=("state", "data", "model_config"))
+  mgr = _read_only_manager(model_dir)
   # Restore only the parameters: a partial target skips the optimizer state.
   restored = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore({"params": target}, restore_args=jax.tree.map(

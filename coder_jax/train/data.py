@@ -12,7 +12,6 @@ and resume from a batch count.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import gin
 import numpy as np
@@ -114,7 +113,3 @@ class SyntheticData:
     first = shard * batch_rows
     return SyntheticStream(model_vocab, batch_rows * num_shards, seq_len, self.seed,
                            range(first, first + batch_rows), start_batch, self.max_segments)
-
-
-def default_data_dir(model_dir: str) -> str:
-  return os.path.join(model_dir, "data")
