@@ -29,34 +29,13 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="launch/local.sh"
-
-die() { echo "$me: $*" >&2; exit 2; }
-
-# Shell-quote one word so that a POSIX shell (or Python's shlex.split) reads it back unchanged.
-q() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Print a command as one copy-pasteable line.
-show() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(q "$a")"; done
-  printf '%s\n' "$out"
-}
-
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+script="${BASH_SOURCE[0]}"
+# shellcheck source=launch/common.sh
+source "$root/launch/common.sh"
 
 case "${1:-}" in
-  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0;;
+  -h|--help) usage; exit 0;;
 esac
-
-dry_run=0
-if [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != 0 ]; then dry_run=1; fi
 
 if [ -n "${CODER_JAX_RUN_CMD:-}" ]; then
   read -r -a run_cmd <<< "$CODER_JAX_RUN_CMD"

@@ -35,39 +35,9 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="launch/slurm.sh"
-
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-die() { echo "$me: $*" >&2; echo "$me: see launch/slurm.sh --help" >&2; exit 2; }
-
-# Shell-quote one word so that a POSIX shell (or Python's shlex.split) reads it back unchanged.
-q() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-qjoin() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(q "$a")"; done
-  printf '%s' "$out"
-}
-
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-
-dry_run=0
-if [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != 0 ]; then dry_run=1; fi
-
-run() {
-  if [ "$dry_run" = 1 ]; then
-    printf '%s\n' "$(qjoin "$@")"
-  else
-    printf '+ %s\n' "$(qjoin "$@")" >&2
-    "$@"
-  fi
-}
+script="${BASH_SOURCE[0]}"
+# shellcheck source=launch/common.sh
+source "$root/launch/common.sh"
 
 nodes="" gpus_per_node=8 partition="" time_limit="24:00:00" job_name="coder_jax" port=12355
 account="" repo_dir="$root" log_dir="" script_out=""

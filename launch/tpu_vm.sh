@@ -35,38 +35,9 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 me="launch/tpu_vm.sh"
-
-usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
-die() { echo "$me: $*" >&2; echo "$me: see launch/tpu_vm.sh --help" >&2; exit 2; }
-
-# Shell-quote one word so that a POSIX shell (or Python's shlex.split) reads it back unchanged.
-q() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-qjoin() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(q "$a")"; done
-  printf '%s' "$out"
-}
-
-dry_run=0
-if [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != 0 ]; then dry_run=1; fi
-
-# Print the command (stdout in a dry run, stderr with "+ " otherwise) and run it unless dry.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    printf '%s\n' "$(qjoin "$@")"
-  else
-    printf '+ %s\n' "$(qjoin "$@")" >&2
-    "$@"
-  fi
-}
+script="${BASH_SOURCE[0]}"
+# shellcheck source=launch/common.sh
+source "$root/launch/common.sh"
 
 tpu="" zone="" project="" accelerator="v5p-64" version="tpu-ubuntu2204-base"
 # shellcheck disable=SC2088  # the ~ is meant for the workers' shell, see remote_repo

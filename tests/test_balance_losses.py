@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coder_jax.model import get_config, init_model, route, segment_positions
+from random_params import random_model_state
+from coder_jax.model import get_config, route, segment_positions
 from coder_jax.model.decoder import router_stats
 from coder_jax.model.moe import RouterOutput
 from coder_jax.model.rope import rope_tables
@@ -162,26 +163,6 @@ def test_device_limit_bounds_the_comm_frequency():
   assert np.all(sends[tokens > 0] > tokens[tokens > 0])      # more than one device per token
 
 
-def _init(cfg, seed):
-  """(graphdef, state) of init_model(cfg) with float32 numpy-random parameters: norms near 1,
-  router gates wide enough for clear-cut routing, the rest N(0, 0.1^2). (Eager init_model
-  compiles every parameter's sampler separately, which takes many seconds on CPU.)"""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg, seed)))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    z = rng.normal(size=leaf.shape)
-    if "norm" in name:
-      v = 1.0 + 0.1 * z
-    elif "['gate']" in name:
-      v = 0.5 * z
-    else:
-      v = 0.1 * z
-    return jnp.asarray(v, leaf.dtype)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
-
 
 def _layer_slice(stack, i):
   graphdef, state = nnx.split(stack.layers)
@@ -194,7 +175,7 @@ def test_model_router_aux_losses_match_numpy():
   cfg = get_config("tiny", num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
                    num_experts_per_tok=4, routing_devices=4, routing_device_limit=2)
   assert cfg.layer_kinds() == ("dense", "moe", "moe", "moe")
-  graphdef, state = _init(cfg, 5)
+  graphdef, state = random_model_state(cfg, 5)
   rng = np.random.default_rng(6)
   b, t = 6, 12
   ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)

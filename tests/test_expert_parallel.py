@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coder_jax.model import ConfigError, get_config, get_moe_impl, init_model, route
+from random_params import random_model_state
+from coder_jax.model import ConfigError, get_config, get_moe_impl, route
 from coder_jax.parallel.expert import capacity, experts_forward, token_dropping
 from coder_jax.parallel.mesh import MeshConfig, make_mesh
 
@@ -160,30 +161,10 @@ def test_dropless_other_local_impls(impl):
   assert _rel(out, _np_moe(p, np.ones((32, K), bool))) <= 1e-5
 
 
-def _init(cfg, seed):
-  """(graphdef, state) of init_model(cfg) with float32 numpy-random parameters: norms near 1,
-  router gates wide enough for clear-cut routing, the rest N(0, 0.1^2). (Eager init_model
-  compiles every parameter's sampler separately, which takes many seconds on CPU.)"""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg, seed)))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    z = rng.normal(size=leaf.shape)
-    if "norm" in name:
-      v = 1.0 + 0.1 * z
-    elif "['gate']" in name:
-      v = 0.5 * z
-    else:
-      v = 0.1 * z
-    return jnp.asarray(v, leaf.dtype)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
-
 
 def test_model_logits_under_expert_meshes():
   cfg = get_config("tiny", num_hidden_layers=2)        # one dense layer, one MoE layer
-  graphdef, state = _init(cfg, 3)
+  graphdef, state = random_model_state(cfg, 3)
   rng = np.random.default_rng(4)
   ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (8, 8)), jnp.int32)
   seg = np.ones((8, 8), np.int32)
