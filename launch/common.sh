@@ -22,6 +22,13 @@ qjoin() {
 # Print a command as one copy-pasteable line.
 show() { printf '%s\n' "$(qjoin "$@")"; }
 
+# The coder_jax.main arguments must name a run config (the cluster launchers have no default).
+require_gin_file() {
+  local a
+  for a in "$@"; do case "$a" in --gin_file=*|--gin_file) return 0;; esac; done
+  die "no --gin_file=F among the coder_jax.main arguments"
+}
+
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 dry_run=0

@@ -76,9 +76,7 @@ fi
 case "$job_name$partition$account$time_limit" in
   *[[:space:]]*) die "--job_name, --partition, --account and --time must not contain spaces";;
 esac
-has_gin_file=0
-for a in "$@"; do case "$a" in --gin_file=*|--gin_file) has_gin_file=1;; esac; done
-[ "$has_gin_file" = 1 ] || die "no --gin_file=F among the coder_jax.main arguments"
+require_gin_file "$@"
 log_dir="${log_dir:-$repo_dir/runs/slurm}"
 case "$log_dir" in *[[:space:]]*) die "--log_dir must not contain spaces (#SBATCH --output)";; esac
 

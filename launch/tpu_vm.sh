@@ -73,9 +73,7 @@ done
 
 [ -n "$tpu" ] || die "missing --tpu NAME (the TPU VM to run on)"
 [ -n "$zone" ] || die "missing --zone ZONE (the TPU VM's zone)"
-has_gin_file=0
-for a in "$@"; do case "$a" in --gin_file=*|--gin_file) has_gin_file=1;; esac; done
-[ "$has_gin_file" = 1 ] || die "no --gin_file=F among the coder_jax.main arguments"
+require_gin_file "$@"
 command -v git >/dev/null || die "git is needed to list the files to copy"
 
 gflags=(--zone "$zone")
