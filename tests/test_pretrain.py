@@ -149,3 +149,25 @@ def test_continued_pretraining_from_hf(tmp_path):
   loss, _ = jax.jit(lambda p, b: loss_and_grads(nnx.graphdef(src), src.cfg, p, b))(
       nnx.to_pure_dict(nnx.state(src, nnx.Param)), batch)
   np.testing.assert_allclose(res["losses"][1], float(loss), rtol=1e-5)
+
+
+def test_bad_run_arguments(tmp_path):
+  with pytest.raises(ValueError, match="train_steps and checkpoint_every must be >= 1"):
+    _pretrain(tmp_path / "x", 0)
+
+
+def test_distributed_environment_must_be_complete():
+  from coder_jax.parallel.distributed import initialize_from_env
+  with pytest.raises(ValueError, match="CODER_JAX_COORDINATOR set but CODER_JAX_NUM_PROCESSES, "
+                                       "CODER_JAX_PROCESS_ID missing"):
+    initialize_from_env({"CODER_JAX_COORDINATOR": "127.0.0.1:1234"})
+  assert initialize_from_env({}) is False
+
+
+def test_dry_run_needs_a_stage_that_has_one(capsys):
+  gin.clear_config()
+  try:
+    with pytest.raises(ValueError, match="--dry_run: stage 'model_demo' has no dry run"):
+      entry.main(["--gin_file=gin_configs/runs/demo.gin", "--dry_run"])
+  finally:
+    gin.clear_config()

@@ -119,3 +119,11 @@ def test_two_processes_equal_one(tmp_path):
   for s in one:
     np.testing.assert_allclose(two[s]["loss"], one[s]["loss"], rtol=1e-5)
     np.testing.assert_allclose(two[s]["grad_norm"], one[s]["grad_norm"], rtol=1e-5)
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused(data_dir):
+  from coder_jax.train.data import CodeData
+  with pytest.raises(ValueError, match=r"vocab_size: the tokenizer .* has \d+ tokens but the "
+                                       r"model's vocab_size is 300"):
+    CodeData(data_dir=data_dir).open(model_vocab=300, batch_rows=2, seq_len=32, shard=0,
+                                     num_shards=1, start_batch=0)
