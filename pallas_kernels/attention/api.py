@@ -1,0 +1,138 @@
+"""`mla_attention`: one public function over the XLA reference and the TPU / GPU kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import vjp
+from pallas_kernels.attention.reference import reference_attention
+
+BACKENDS = ("xla", "triton", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Rows of q / k per block for the forward and the backward kernels, plus GPU launch settings.
+
+  Triton blocks must be powers of two >= 16; TPU blocks multiples of 8 (key blocks of a padded
+  sequence longer than the block: multiples of 128, Mosaic's lane width).
+  """
+  block_q: int
+  block_k: int
+  bwd_block_q: int
+  bwd_block_k: int
+  num_warps: int | None = None
+  num_stages: int | None = None
+  bwd_num_warps: int | None = None
+  bwd_num_stages: int | None = None
+
+
+# Starting points, not tuned on hardware yet (see benchmarks/RESULTS.md).
+DEFAULT_BLOCKS = {
+    "triton": BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=2, bwd_num_warps=8,
+                         bwd_num_stages=2),
+    "tpu": BlockSizes(512, 512, 256, 512),
+}
+
+
+def default_backend() -> str:
+  return {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "xla")
+
+
+def _check(q, k, v, segment_ids, backend, interpret):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"mla_attention: q, k, v must be [B, T, H, D]; got ranks "
+                     f"{q.ndim}, {k.ndim}, {v.ndim}")
+  if k.shape != q.shape:
+    raise ValueError(f"mla_attention: k must have q's shape {q.shape}; got {k.shape}")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"mla_attention: v must be [B, T, H, Dv] with q's B, T, H {q.shape[:3]}; "
+                     f"got {v.shape}")
+  if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"mla_attention: q, k, v must share one floating dtype; got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  if segment_ids is not None:
+    if segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"mla_attention: segment_ids must be integer [B, T] = {q.shape[:2]}; got "
+                       f"{segment_ids.dtype}{list(segment_ids.shape)}")
+  if backend not in BACKENDS:
+    raise ValueError(f"mla_attention: unknown backend {backend!r}; one of {BACKENDS}")
+  if interpret and backend == "xla":
+    raise ValueError("mla_attention: interpret=True runs a kernel on CPU, so it needs "
+                     "backend='triton' or 'tpu'")
+
+
+def _fit_blocks(bs: BlockSizes, t: int, backend: str) -> BlockSizes:
+  """Shrink blocks for short sequences; validate what the backend can tile."""
+  if backend == "triton":
+    cap = max(16, 1 << (t - 1).bit_length())
+    ok = lambda b: b >= 16 and b & (b - 1) == 0
+    need = "a power of two >= 16"
+  else:
+    cap = -(-t // 8) * 8
+    ok = lambda b: b >= 8 and b % 8 == 0
+    need = "a multiple of 8"
+  fields = ("block_q", "block_k", "bwd_block_q", "bwd_block_k")
+  for f in fields:
+    if not ok(getattr(bs, f)):
+      raise ValueError(f"mla_attention: {backend} {f} must be {need}; got {getattr(bs, f)}")
+  return dataclasses.replace(bs, **{f: min(getattr(bs, f), cap) for f in fields})
+
+
+def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
+                  backend: str | None = None, interpret=False,
+                  block_sizes: BlockSizes | None = None):
+  """softmax(q k^T * sm_scale) v over [B, T, H, D] arrays with Dqk != Dv allowed.
+
+  segment_ids [B, T]: tokens attend only to tokens with the same id (packed documents).
+  backend: None picks by platform (GPU: Pallas Triton, TPU: Pallas Mosaic, else XLA).
+  interpret: run the chosen kernel on CPU (Triton: Pallas' interpreter; TPU: TPU semantics via
+  `pltpu.InterpretParams`, or pass an InterpretParams yourself).
+  Differentiable in q, k, v (flash backward from the saved log-sum-exp).
+  """
+  backend = default_backend() if backend is None else backend
+  _check(q, k, v, segment_ids, backend, interpret)
+  b, t, h, dqk = q.shape
+  dv = v.shape[-1]
+  sm_scale = float(dqk ** -0.5 if sm_scale is None else sm_scale)
+  if backend == "xla":
+    return reference_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
+
+  bs = _fit_blocks(block_sizes or DEFAULT_BLOCKS[backend], t, backend)
+  step = math.lcm(bs.block_q, bs.block_k, bs.bwd_block_q, bs.bwd_block_k)
+  t_pad = -(-t // step) * step
+  # Triton dots need K >= 16: zero columns leave q.k unchanged and add only zero outputs.
+  d_mult = 16 if backend == "triton" else 1
+  dqk_pad, dv_pad = -(-dqk // d_mult) * d_mult, -(-dv // d_mult) * d_mult
+  pad = lambda x, d: jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, d - x.shape[-1])))
+  qp, kp, vp = pad(q, dqk_pad), pad(k, dqk_pad), pad(v, dv_pad)
+  seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
+         else segment_ids.astype(jnp.int32))
+  seg = jnp.pad(seg, ((0, 0), (0, t_pad - t)))
+
+  if backend == "triton":
+    from pallas_kernels.attention import triton as module
+    fwd = dict(block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
+               num_stages=bs.num_stages)
+    bwd = dict(block_q=bs.bwd_block_q, block_k=bs.bwd_block_k, num_warps=bs.bwd_num_warps,
+               num_stages=bs.bwd_num_stages)
+    interp = bool(interpret)
+  else:
+    from jax.experimental.pallas import tpu as pltpu
+    from pallas_kernels.attention import tpu as module
+    fwd = dict(block_q=bs.block_q, block_k=bs.block_k)
+    bwd = dict(block_q=bs.bwd_block_q, block_k=bs.bwd_block_k)
+    interp = (pltpu.InterpretParams() if interpret is True else interpret) or False
+    qp, kp, vp = (x.transpose(0, 2, 1, 3) for x in (qp, kp, vp))
+
+  call = vjp.KernelCall(module=module, sm_scale=sm_scale, causal=bool(causal),
+                        kv_len=t if t_pad > t else None, use_seg=segment_ids is not None,
+                        fwd=tuple(fwd.items()), bwd=tuple(bwd.items()), interpret=interp)
+  out = vjp.attention(call, qp, kp, vp, seg)
+  if backend == "tpu":
+    out = out.transpose(0, 2, 1, 3)
+  return out[:, :t, :, :dv]
