@@ -4,6 +4,7 @@ from coder_jax.model.attention import get_attention_impl, register_attention_imp
 from coder_jax.model.config import (ConfigError, ModelConfig, PRESETS, YarnConfig, get_config)
 from coder_jax.model.decoder import DeepseekV2, init_model, segment_positions
 from coder_jax.model.moe import get_moe_impl, register_moe_impl, route
+from coder_jax.model import kernels as _kernels  # registers pallas / tokamax / auto impls
 
 __all__ = [
     "ConfigError", "DeepseekV2", "ModelConfig", "PRESETS", "YarnConfig", "get_attention_impl",

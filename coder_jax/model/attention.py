@@ -48,6 +48,7 @@ def xla_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS
 
 
 register_attention_impl("xla", xla_attention)
+register_attention_impl("reference", xla_attention)
 
 
 class MLAttention(nnx.Module):

@@ -80,8 +80,8 @@ class ModelConfig:
   param_dtype: str = "float32"    # stored weights (the router is always float32)
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention_impl: str = "xla"
-  moe_impl: str = "ragged"
+  attention_impl: str = "auto"   # see coder_jax/model/kernels.py
+  moe_impl: str = "auto"
 
   def __post_init__(self):
     validate(self)

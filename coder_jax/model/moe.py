@@ -55,19 +55,26 @@ def route(logits_NE, cfg: ModelConfig) -> RouterOutput:
   return RouterOutput(scores, experts.astype(jnp.int32), weights)
 
 
-def ragged_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype):
-  """Sort token copies by expert, run each expert's SwiGLU with lax.ragged_dot, combine."""
+def sorted_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype,
+                   matmul=jax.lax.ragged_dot):
+  """Sort token copies by expert, run each expert's SwiGLU with a grouped matmul
+  `matmul(lhs [M, K], rhs [E, K, N], group_sizes [E]) -> [M, N]`, unsort and combine."""
   n, k = experts_NK.shape
   e = w_gate_EDF.shape[0]
   flat = experts_NK.reshape(-1)
   order = jnp.argsort(flat, stable=True)
+  # The inverse permutation turns the unsort into a gather (GPU scatters are slow).
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   xs = x_ND.astype(dtype)[order // k]
   sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-  g = jax.lax.ragged_dot(xs, w_gate_EDF.astype(dtype), sizes)
-  u = jax.lax.ragged_dot(xs, w_up_EDF.astype(dtype), sizes)
-  y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down_EFD.astype(dtype), sizes)
-  y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+  g = matmul(xs, w_gate_EDF.astype(dtype), sizes)
+  u = matmul(xs, w_up_EDF.astype(dtype), sizes)
+  y = matmul(jax.nn.silu(g) * u, w_down_EFD.astype(dtype), sizes)
+  y = y[inverse].reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
+
+
+ragged_experts = sorted_experts  # lax.ragged_dot, the XLA grouped matmul
 
 
 def dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype):
@@ -116,6 +123,7 @@ def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
 
 
 register_moe_impl("ragged", ragged_experts)
+register_moe_impl("reference", ragged_experts)
 register_moe_impl("tiled", tiled_experts)
 register_moe_impl("dense", dense_experts)
 

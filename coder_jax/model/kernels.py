@@ -1,0 +1,83 @@
+"""The Pallas kernels (and tokamax, where installed) as `attention_impl` / `moe_impl` choices.
+
+  reference       plain XLA (attention: masked softmax; experts: lax.ragged_dot)
+  pallas          our kernel for this platform: Triton on GPU, Mosaic on TPU; on CPU the
+                  Triton kernel in Pallas' interpreter (slow; for tests)
+  pallas_triton   the GPU kernel; interpreted unless running on a GPU
+  pallas_tpu      the TPU kernel; interpreted with TPU semantics unless running on a TPU
+  tokamax         tokamax's kernels (optional package; a baseline)
+  auto            the fastest correct choice for the platform: pallas on GPU and TPU; on CPU
+                  the XLA attention and the tiled expert scan (XLA:CPU lowers ragged_dot densely)
+
+`auto` resolves when the model is traced, so a config saved on one platform runs on another.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from coder_jax.model.attention import get_attention_impl, register_attention_impl
+from coder_jax.model.moe import get_moe_impl, register_moe_impl, sorted_experts
+
+_NATIVE = {"triton": "gpu", "tpu": "tpu"}
+
+
+def _kernel_backend(backend: str | None) -> tuple[str, bool]:
+  """(pallas backend, interpret) for a requested backend (None: this platform's)."""
+  platform = jax.default_backend()
+  if backend is None:
+    backend = "tpu" if platform == "tpu" else "triton"
+  return backend, platform != _NATIVE[backend]
+
+
+def _pallas_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale,
+                      causal=True, backend=None):
+  from pallas_kernels import mla_attention
+  if kv_segment_ids_BS is not q_segment_ids_BT:
+    raise NotImplementedError("attention_impl pallas: self-attention only (one segment_ids for "
+                              "queries and keys); decoding has its own kernel")
+  backend, interpret = _kernel_backend(backend)
+  return mla_attention(q_BTHK, k_BSHK, v_BSHV, segment_ids=q_segment_ids_BT, causal=causal,
+                       sm_scale=scale, backend=backend, interpret=interpret)
+
+
+def _tokamax_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale,
+                       causal=True):
+  from pallas_kernels.baselines import tokamax_attention
+  if kv_segment_ids_BS is not q_segment_ids_BT:
+    raise NotImplementedError("attention_impl tokamax: self-attention only")
+  return tokamax_attention(q_BTHK, k_BSHK, v_BSHV, segment_ids=q_segment_ids_BT, causal=causal,
+                           sm_scale=scale)
+
+
+def _auto_attention(*args, **kw):
+  impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+  return get_attention_impl(impl)(*args, **kw)
+
+
+def _pallas_matmul(lhs, rhs, group_sizes, *, backend=None):
+  from pallas_kernels import grouped_matmul
+  backend, interpret = _kernel_backend(backend)
+  return grouped_matmul(lhs, rhs, group_sizes, backend=backend, interpret=interpret)
+
+
+def _tokamax_matmul(lhs, rhs, group_sizes):
+  from pallas_kernels.baselines import tokamax_grouped_matmul
+  return tokamax_grouped_matmul(lhs, rhs, group_sizes)
+
+
+def _auto_experts(*args, **kw):
+  impl = "tiled" if jax.default_backend() == "cpu" else "pallas"
+  return get_moe_impl(impl)(*args, **kw)
+
+
+for _name, _backend in (("pallas", None), ("pallas_triton", "triton"), ("pallas_tpu", "tpu")):
+  register_attention_impl(_name, functools.partial(_pallas_attention, backend=_backend))
+  register_moe_impl(_name, functools.partial(
+      sorted_experts, matmul=functools.partial(_pallas_matmul, backend=_backend)))
+register_attention_impl("tokamax", _tokamax_attention)
+register_moe_impl("tokamax", functools.partial(sorted_experts, matmul=_tokamax_matmul))
+register_attention_impl("auto", _auto_attention)
+register_moe_impl("auto", _auto_experts)
