@@ -19,6 +19,8 @@ import pytest
 from pallas_kernels.attention import BlockSizes, mla_attention, reference_attention
 
 BACKENDS = ["triton", "tpu"]
+# On a GPU (or TPU) the same tests run that backend's kernel natively.
+INTERPRET = {"triton": jax.default_backend() != "gpu", "tpu": jax.default_backend() != "tpu"}
 
 
 def rel_err(a, b):
@@ -64,11 +66,13 @@ def test_float32_matches_reference(backend, case):
   q, k, v, do, seg = inputs(seed, b, t, h, dqk, dv, jnp.float32, segments)
   scale = 0.7 / np.sqrt(dqk)
   kern = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale,
-                                       backend=backend, interpret=True,
+                                       backend=backend, interpret=INTERPRET[backend],
                                        block_sizes=BlockSizes(blk, blk, blk, blk))
   ref = lambda q, k, v: reference_attention(q, k, v, segment_ids=seg, causal=causal,
                                             sm_scale=scale)
-  got, want = fwd_and_grads(kern, q, k, v, do), fwd_and_grads(ref, q, k, v, do)
+  got = fwd_and_grads(kern, q, k, v, do)
+  with jax.default_matmul_precision("highest"):   # no TF32 in the reference on a GPU
+    want = fwd_and_grads(ref, q, k, v, do)
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
     assert rel_err(g, w) <= 1e-5, (name, rel_err(g, w))
@@ -78,12 +82,14 @@ def test_float32_matches_reference(backend, case):
 def test_bfloat16_matches_float32_reference(backend):
   # MLA's head dims (192 / 128) at a small T and a ragged length, with packed documents.
   q, k, v, do, seg = inputs(7, 1, 45, 2, 192, 128, jnp.bfloat16, True)
-  kern = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, backend=backend, interpret=True,
+  kern = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, backend=backend,
+                                       interpret=INTERPRET[backend],
                                        block_sizes=BlockSizes(16, 32, 32, 16))
   up = lambda x: x.astype(jnp.float32)
   ref = lambda q, k, v: reference_attention(up(q), up(k), up(v), segment_ids=seg)
   got = fwd_and_grads(kern, q, k, v, do)
-  want = fwd_and_grads(ref, q, k, v, up(do))
+  with jax.default_matmul_precision("highest"):
+    want = fwd_and_grads(ref, q, k, v, up(do))
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     assert g.dtype == jnp.bfloat16, name
     assert rel_err(g, w) <= 2e-2, (name, rel_err(g, w))
@@ -93,8 +99,10 @@ def test_default_blocks_and_default_scale():
   """Default block sizes shrink to a short sequence; sm_scale defaults to Dqk^-1/2."""
   q, k, v, do, _ = inputs(11, 1, 19, 2, 48, 16, jnp.float32, False)
   for backend in BACKENDS:
-    got = mla_attention(q, k, v, backend=backend, interpret=True)
-    assert rel_err(got, reference_attention(q, k, v)) <= 1e-5, backend
+    got = mla_attention(q, k, v, backend=backend, interpret=INTERPRET[backend])
+    with jax.default_matmul_precision("highest"):
+      want = reference_attention(q, k, v)
+    assert rel_err(got, want) <= 1e-5, backend
 
 
 def test_xla_backend_matches_float64_numpy():

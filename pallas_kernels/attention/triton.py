@@ -58,14 +58,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
   rows = i * bq + jnp.arange(bq)
   q_chunks = [((off, size), q_ref[:, pl.ds(off, size)]) for off, size in qk_chunks]
   qseg = qseg_ref[...] if use_seg else None
-  n_blocks = pl.cdiv(jnp.minimum((i + 1) * bq, seq_k), bk) if causal else seq_k // bk
+  n_blocks, n_below = _kv_range(i, bq, bk, seq_k, causal)
 
-  def body(j, carry):
+  def body(j, carry, diagonal):
     m, l, accs = carry
     cols = j * bk + jnp.arange(bk)
     kseg = kseg_ref[pl.ds(j * bk, bk)] if use_seg else None
-    s, _ = _scores(q_chunks, k_ref, j * bk, rows, cols, qseg, kseg, scale2=scale2, causal=causal,
-                   kv_len=kv_len, use_seg=use_seg, prec=prec)
+    s, _ = _scores(q_chunks, k_ref, j * bk, rows, cols, qseg, kseg, scale2=scale2,
+                   causal=diagonal, kv_len=kv_len, use_seg=use_seg, prec=prec)
     m_new = jnp.maximum(m, s.max(axis=1))
     p = jnp.exp2(s - m_new[:, None])
     alpha = jnp.exp2(m - m_new)
@@ -78,7 +78,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
 
   init = (jnp.full((bq,), MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32),
           tuple(jnp.zeros((bq, size), jnp.float32) for _, size in v_chunks))
-  m, l, accs = lax.fori_loop(0, n_blocks, body, init)
+  carry = lax.fori_loop(0, n_below, functools.partial(body, diagonal=False), init)
+  m, l, accs = lax.fori_loop(n_below, n_blocks, functools.partial(body, diagonal=causal), carry)
   for acc, (off, size) in zip(accs, v_chunks):
     o_ref[:, pl.ds(off, size)] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)
@@ -93,9 +94,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
   k_chunks = [k_ref[:, pl.ds(off, size)] for off, size in qk_chunks]
   v_parts = [v_ref[:, pl.ds(off, size)] for off, size in v_chunks]
   kseg = kseg_ref[...] if use_seg else None
+  n_q = seq_q // bq
+  # Causal: q blocks before `first` see none of these keys; from `full` on they see all.
   first = (j * bk) // bq if causal else 0
+  full = jnp.minimum(pl.cdiv((j + 1) * bk - 1, bq), n_q) if causal else 0
 
-  def body(i, carry):
+  def body(i, carry, diagonal):
     dks, dvs = carry
     rows = i * bq + jnp.arange(bq)
     q_chunks = [q_ref[pl.ds(i * bq, bq), pl.ds(off, size)] for off, size in qk_chunks]
@@ -106,7 +110,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
     qseg = qseg_ref[pl.ds(i * bq, bq)] if use_seg else None
     lse = lse_ref[pl.ds(i * bq, bq)]
     p = jnp.exp2(s * scale2 - lse[:, None])
-    mask = _mask(rows, cols, qseg, kseg, causal=causal, kv_len=kv_len, use_seg=use_seg)
+    mask = _mask(rows, cols, qseg, kseg, causal=diagonal, kv_len=kv_len, use_seg=use_seg)
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
     do_parts = [do_ref[pl.ds(i * bq, bq), pl.ds(off, size)] for off, size in v_chunks]
@@ -123,7 +127,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
 
   init = (tuple(jnp.zeros((bk, size), jnp.float32) for _, size in qk_chunks),
           tuple(jnp.zeros((bk, size), jnp.float32) for _, size in v_chunks))
-  dks, dvs = lax.fori_loop(first, seq_q // bq, body, init)
+  carry = lax.fori_loop(first, full, functools.partial(body, diagonal=causal), init)
+  dks, dvs = lax.fori_loop(full, n_q, functools.partial(body, diagonal=False), carry)
   for dk, (off, size) in zip(dks, qk_chunks):
     dk_ref[:, pl.ds(off, size)] = (dk * sm_scale).astype(dk_ref.dtype)
   for dv, (off, size) in zip(dvs, v_chunks):
@@ -139,13 +144,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
   do_parts = [do_ref[:, pl.ds(off, size)] for off, size in v_chunks]
   qseg = qseg_ref[...] if use_seg else None
   lse, delta = lse_ref[...], delta_ref[...]
-  n_blocks = pl.cdiv(jnp.minimum((i + 1) * bq, seq_k), bk) if causal else seq_k // bk
+  n_blocks, n_below = _kv_range(i, bq, bk, seq_k, causal)
 
-  def body(j, dqs):
+  def body(j, dqs, diagonal):
     cols = j * bk + jnp.arange(bk)
     kseg = kseg_ref[pl.ds(j * bk, bk)] if use_seg else None
-    s, mask = _scores(q_chunks, k_ref, j * bk, rows, cols, qseg, kseg, scale2=scale2, causal=causal,
-                      kv_len=kv_len, use_seg=use_seg, prec=prec)
+    s, mask = _scores(q_chunks, k_ref, j * bk, rows, cols, qseg, kseg, scale2=scale2,
+                      causal=diagonal, kv_len=kv_len, use_seg=use_seg, prec=prec)
     p = jnp.exp2(s - lse[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
@@ -157,10 +162,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
     return tuple(dq + pl.dot(ds, k_ref[pl.ds(j * bk, bk), pl.ds(off, size)], precision=prec)
                  for dq, (off, size) in zip(dqs, qk_chunks))
 
-  dqs = lax.fori_loop(0, n_blocks, body,
-                      tuple(jnp.zeros((bq, size), jnp.float32) for _, size in qk_chunks))
+  dqs = tuple(jnp.zeros((bq, size), jnp.float32) for _, size in qk_chunks)
+  dqs = lax.fori_loop(0, n_below, functools.partial(body, diagonal=False), dqs)
+  dqs = lax.fori_loop(n_below, n_blocks, functools.partial(body, diagonal=causal), dqs)
   for dq, (off, size) in zip(dqs, qk_chunks):
     dq_ref[:, pl.ds(off, size)] = (dq * sm_scale).astype(dq_ref.dtype)
+
+
+def _kv_range(i, bq, bk, seq_k, causal):
+  """(key blocks query block i needs, how many of them lie wholly below the diagonal)."""
+  if not causal:
+    return seq_k // bk, seq_k // bk
+  n_blocks = pl.cdiv(jnp.minimum((i + 1) * bq, seq_k), bk)
+  return n_blocks, jnp.minimum((i * bq + 1) // bk, n_blocks)
 
 
 def _mask(rows, cols, qseg, kseg, *, causal, kv_len, use_seg):
