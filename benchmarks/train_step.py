@@ -68,6 +68,13 @@ def run_case(name, cfg, batch, seq_len, steps):
           "unseen_loss": float(m_unseen["ce_loss"])}
 
 
+def lite_proxy_config(layers, moe_impl, remat="save_attention_out", **overrides):
+  """The Lite-width proxy (see the module docstring) with `layers` layers, bf16 compute."""
+  from coder_jax.model.config import get_config
+  return get_config("coder_v2_lite", num_hidden_layers=layers, dtype="bfloat16",
+                    moe_impl=moe_impl, remat_policy=remat, **overrides)
+
+
 def main(argv=None):
   from coder_jax.model.config import get_config
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -84,8 +91,7 @@ def main(argv=None):
            ("tiny", get_config("tiny", moe_impl="tiled", dtype="bfloat16"), 8, 256)]
   if args.lite_proxy:
     for impl in args.moe_impls.split(","):
-      cfg = get_config("coder_v2_lite", num_hidden_layers=args.proxy_layers, dtype="bfloat16",
-                       moe_impl=impl, remat_policy=args.remat)
+      cfg = lite_proxy_config(args.proxy_layers, impl, args.remat)
       b = args.ragged_batch if impl == "ragged" else args.proxy_batch
       cases.append((f"Lite proxy {args.proxy_layers}L", cfg, b, 4096))
   dev = jax.devices()[0]

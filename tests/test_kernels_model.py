@@ -62,6 +62,7 @@ def test_auto_resolves_per_platform(monkeypatch):
                         lambda *a, _n=name, **k: calls.append(("attn", _n)))
     monkeypatch.setitem(moe._MOE_IMPLS._impls, name,
                         lambda *a, _n=name, **k: calls.append(("moe", _n)))
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   get_attention_impl("auto")()
   get_moe_impl("auto")()
   assert calls == [("attn", "reference"), ("moe", "tiled")]
@@ -74,6 +75,7 @@ def test_auto_resolves_per_platform(monkeypatch):
 
 def test_kernel_backend_interprets_off_platform(monkeypatch):
   from coder_jax.model.kernels import _kernel_backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert _kernel_backend(None) == ("triton", True)          # CPU: the GPU kernel, interpreted
   assert _kernel_backend("tpu") == ("tpu", True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
