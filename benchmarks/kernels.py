@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                 # on an accelerator (H100): the full shapes
     python benchmarks/kernels.py --smoke         # CPU, tiny shapes: proves the script runs
     python benchmarks/kernels.py --only gmm --iters 50
+    python benchmarks/kernels.py --tune          # also sweep our kernels' block sizes
 
 Attention: B2 T4096 H16 Dqk192 Dv128, causal, bf16; fwd, and fwd+bwd = grads of
 sum(out * cotangent) w.r.t. q, k, v. Columns: ours (`pallas_kernels.mla_attention`, the
@@ -309,6 +310,85 @@ def train_section(s, smoke, iters):
           flush=True)
 
 
+# Candidate block sizes for --tune (the defaults in pallas_kernels are the first of each list).
+# Attention fwd: (block_q, block_k, num_warps, num_stages); bwd: the same for both bwd kernels.
+TUNE = {
+    "triton": dict(
+        attn_fwd=[(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                  (128, 32, 4, 3), (64, 128, 4, 2)],
+        attn_bwd=[(64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+                  (32, 128, 8, 2)],
+        gmm=[(128, 64, 128), (128, 32, 128), (64, 64, 128), (128, 64, 256), (256, 64, 128),
+             (128, 128, 128)]),
+    "tpu": dict(
+        attn_fwd=[(512, 512, None, None), (256, 512, None, None), (1024, 512, None, None),
+                  (128, 128, None, None)],
+        attn_bwd=[(256, 512, None, None), (512, 512, None, None), (128, 256, None, None)],
+        gmm=[(128, 512, 128), (256, 512, 256), (512, 1024, 128), (128, 2048, 128)]),
+}
+
+
+def tune_section(s, iters):
+  """Time our kernels over TUNE's block sizes (the fwd+bwd rows keep the default forward)."""
+  import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.attention import DEFAULT_BLOCKS, BlockSizes  # pylint: disable=import-outside-toplevel
+  backend = {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend())
+  if backend is None:
+    print("\n--tune needs a GPU or TPU; skipped.")
+    return
+  cands = TUNE[backend]
+  a = s["attention"]
+  b, t, h, dqk, dv = a["B"], a["T"], a["H"], a["Dqk"], a["Dv"]
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, k = (jax.random.normal(x, (b, t, h, dqk), jnp.bfloat16) for x in ks[:2])
+  v, ct = (jax.random.normal(x, (b, t, h, dv), jnp.bfloat16) for x in ks[2:])
+  fwd_flops = 2.0 * b * h * (t * (t + 1) / 2) * (dqk + dv)
+  base = DEFAULT_BLOCKS[backend]
+  print(f"\n### Tuning ({backend}): attention B{b} T{t} H{h} {dqk}/{dv} causal bf16\n")
+  print("| kernel | block_q, block_k, warps, stages | ms | TFLOP/s |")
+  print("|---|---|---|---|")
+  for kind, cfgs in (("fwd", cands["attn_fwd"]), ("fwd+bwd", cands["attn_bwd"])):
+    for bq, bk, w, st in cfgs:
+      if kind == "fwd":
+        bs = BlockSizes(bq, bk, base.bwd_block_q, base.bwd_block_k, w, st, base.bwd_num_warps,
+                        base.bwd_num_stages)
+      else:
+        bs = BlockSizes(base.block_q, base.block_k, bq, bk, base.num_warps, base.num_stages, w, st)
+      fn = lambda q, k, v, bs=bs: pk.mla_attention(q, k, v, block_sizes=bs)
+      timed, args = (fn, (q, k, v)) if kind == "fwd" else (grads_of(fn, (0, 1, 2)), (q, k, v, ct))
+      flops = fwd_flops if kind == "fwd" else 3.5 * fwd_flops
+      try:
+        sec, _ = bench(timed, args, iters)
+        print(f"| {kind} | {bq}, {bk}, {w}, {st} | {sec * 1e3:.3f} | {flops / sec / 1e12:.1f} |",
+              flush=True)
+      except Exception as e:  # e.g. out of shared memory: report and go on
+        print(f"| {kind} | {bq}, {bk}, {w}, {st} | failed: {type(e).__name__} | |", flush=True)
+  g = s["gmm"]
+  m, kd, n, groups = g["M"], g["K"], g["N"], g["G"]
+  ks = jax.random.split(jax.random.key(1), 3)
+  lhs = jax.random.normal(ks[0], (m, kd), jnp.bfloat16)
+  rhs = (jax.random.normal(ks[1], (groups, kd, n), jnp.float32) * kd ** -0.5).astype(jnp.bfloat16)
+  dout = jax.random.normal(ks[2], (m, n), jnp.bfloat16)
+  print(f"\n### Tuning ({backend}): grouped matmul M{m} K{kd} N{n} G{groups} bf16\n")
+  print("| sizes | tm, tk, tn | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+  print("|---|---|---|---|---|---|")
+  fl = 2.0 * m * kd * n
+  for dist, sizes in (("balanced", np.full(groups, m // groups, np.int32)),
+                      ("skewed", skewed_sizes(m, groups))):
+    gs = jnp.asarray(sizes)
+    for tiling in cands["gmm"]:
+      fn = lambda l, r, gs, tiling=tiling: pk.grouped_matmul(l, r, gs, tiling=tiling)
+      cells = []
+      for timed, args, f in ((fn, (lhs, rhs, gs), fl),
+                             (grads_of(fn, (0, 1)), (lhs, rhs, gs, dout), 3 * fl)):
+        try:
+          sec, _ = bench(timed, args, iters)
+          cells += [f"{sec * 1e3:.3f}", f"{f / sec / 1e12:.1f}"]
+        except Exception as e:  # report and go on
+          cells += [f"failed: {type(e).__name__}", ""]
+      print(f"| {dist} | {', '.join(map(str, tiling))} | " + " | ".join(cells) + " |", flush=True)
+
+
 def header(smoke, iters):
   import jaxlib  # pylint: disable=import-outside-toplevel
   from coder_jax.train.flops import peak_flops_per_device  # pylint: disable=import-outside-toplevel
@@ -332,6 +412,8 @@ def main(argv=None):
   ap.add_argument("--smoke", action="store_true",
                   help="tiny shapes, ours on backend='xla' (CPU): only proves the script runs")
   ap.add_argument("--only", choices=("attention", "gmm", "train"))
+  ap.add_argument("--tune", action="store_true",
+                  help="also time our kernels over candidate block sizes (GPU / TPU only)")
   ap.add_argument("--iters", type=int, default=None,
                   help="timed calls per cell (default 20; smoke 3); train steps: at most 10")
   args = ap.parse_args(argv)
@@ -342,6 +424,8 @@ def main(argv=None):
   for name, fn in sections.items():
     if args.only in (None, name):
       fn(shapes[name], args.smoke, min(iters, 10) if name == "train" else iters)
+  if args.tune and not args.smoke:
+    tune_section(shapes, iters)
 
 
 if __name__ == "__main__":

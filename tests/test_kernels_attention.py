@@ -129,12 +129,15 @@ def test_xla_backend_matches_float64_numpy():
     (dict(backend="xla", interpret=True), "needs backend='triton' or 'tpu'"),
     (dict(backend="triton", blocks=BlockSizes(24, 16, 16, 16)), "power of two >= 16; got 24"),
     (dict(backend="tpu", blocks=BlockSizes(16, 12, 16, 16)), "multiple of 8; got 12"),
+    (dict(backend="tpu", interpret=False, q=(2, 300, 2, 16), blocks=BlockSizes(128, 64, 128, 128)),
+     "block_k must be a multiple of 128 \\(Mosaic's lane width\\) when shorter than the "
+     "padded sequence 384; got 64"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, msg):
   q = jnp.ones(bad.get("q", (2, 8, 2, 16)))
   k = jnp.ones(bad.get("k", q.shape))
-  v = jnp.ones(bad.get("v", (2, 8, 2, 8)), bad.get("dtype_v", jnp.float32))
-  seg = jnp.ones(bad.get("seg", (2, 8)), bad.get("seg_dtype", jnp.int32))
+  v = jnp.ones(bad.get("v", q.shape[:3] + (8,)), bad.get("dtype_v", jnp.float32))
+  seg = jnp.ones(bad.get("seg", q.shape[:2]), bad.get("seg_dtype", jnp.int32))
   with pytest.raises(ValueError, match=msg):
     mla_attention(q, k, v, segment_ids=seg, backend=bad.get("backend", "triton"),
                   interpret=bad.get("interpret", True), block_sizes=bad.get("blocks"))

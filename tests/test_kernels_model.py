@@ -32,7 +32,8 @@ def _logits_and_grads(cfg, ids, seg, cot):
     logits = nnx.merge(graphdef, state)(ids, seg)
     return jnp.sum(logits * cot), logits
 
-  (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(state)
+  with jax.default_matmul_precision("highest"):   # no TF32 in the reference on a GPU
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(state)
   return logits, jax.tree.leaves(grads)
 
 

@@ -105,6 +105,12 @@ def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: f
   bs = _fit_blocks(block_sizes or DEFAULT_BLOCKS[backend], t, backend)
   step = math.lcm(bs.block_q, bs.block_k, bs.bwd_block_q, bs.bwd_block_k)
   t_pad = -(-t // step) * step
+  if backend == "tpu" and not interpret:
+    for f in ("block_k", "bwd_block_k"):
+      blk = getattr(bs, f)
+      if blk != t_pad and blk % 128:
+        raise ValueError(f"mla_attention: tpu {f} must be a multiple of 128 (Mosaic's lane "
+                         f"width) when shorter than the padded sequence {t_pad}; got {blk}")
   # Triton dots need K >= 16: zero columns leave q.k unchanged and add only zero outputs.
   d_mult = 16 if backend == "triton" else 1
   dqk_pad, dv_pad = -(-dqk // d_mult) * d_mult, -(-dv // d_mult) * d_mult
