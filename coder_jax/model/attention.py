@@ -100,12 +100,39 @@ class MLAttention(nnx.Module):
     k_rope = jnp.broadcast_to(k_rope_BSK[:, :, None, :], k_nope.shape[:3] + k_rope_BSK.shape[-1:])
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
-  def __call__(self, x_BTD, cos, sin, segment_ids_BT):
+  def __call__(self, x_BTD, cos, sin, segment_ids_BT, return_cache: bool = False):
+    """Attention output [B, T, D]; with return_cache also the cache entries (latent, rope key)."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     q = self.queries(x_BTD, cos, sin)
-    k, v = self.expand(*self.latents(x_BTD, cos, sin))
+    latent, k_rope = self.latents(x_BTD, cos, sin)
+    k, v = self.expand(latent, k_rope)
     attn = get_attention_impl(cfg.attention_impl)
     out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
                scale=cfg.softmax_scale(), causal=True)
     out = checkpoint_name(out, "attn_out")
-    return jnp.einsum("bthv,hvd->btd", out.astype(dt), self.o_proj[...].astype(dt))
+    out = jnp.einsum("bthv,hvd->btd", out.astype(dt), self.o_proj[...].astype(dt))
+    return (out, (latent, k_rope)) if return_cache else out
+
+  def decode(self, x_B1D, cos, sin, cache_latent_BSR, cache_rope_BSK, positions_B, attend):
+    """One new token per row at `positions_B`, attending to cache entries [0, position].
+
+    kv_b_proj is absorbed (DeepSeek-V2's inference form): the query's nope part is mapped into
+    the latent space and the output comes back through the value half of kv_b_proj, so the
+    cache holds only the latent and the rope key. `attend(q_latent [B, H, R], q_rope [B, H, K],
+    latent [B, S, R], rope [B, S, K], lengths [B], sm_scale) -> [B, H, R]`.
+    Returns (output [B, 1, D], the new token's (latent [B, R], rope key [B, K])).
+    """
+    cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    q = self.queries(x_B1D, cos, sin)[:, 0]
+    latent, k_rope = (a[:, 0] for a in self.latents(x_B1D, cos, sin))
+    rows = jnp.arange(x_B1D.shape[0])
+    cache_latent_BSR = cache_latent_BSR.at[rows, positions_B].set(latent.astype(cache_latent_BSR.dtype))
+    cache_rope_BSK = cache_rope_BSK.at[rows, positions_B].set(k_rope.astype(cache_rope_BSK.dtype))
+    n = cfg.qk_nope_head_dim
+    w = self.kv_b_proj[...].astype(dt)
+    q_latent = jnp.einsum("bhn,rhn->bhr", q[..., :n], w[..., :n])
+    o_latent = attend(q_latent, q[..., n:], cache_latent_BSR, cache_rope_BSK, positions_B + 1,
+                      cfg.softmax_scale())
+    out = jnp.einsum("bhr,rhv->bhv", o_latent.astype(dt), w[..., n:])
+    out = jnp.einsum("bhv,hvd->bd", out, self.o_proj[...].astype(dt))
+    return out[:, None], (latent, k_rope)

@@ -40,15 +40,28 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def __call__(self, x, cos, sin, segment_ids):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+  def __call__(self, x, cos, sin, segment_ids, return_cache: bool = False):
+    a = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, return_cache=return_cache)
+    if return_cache:
+      a, cache = a
+    x = x + a
     h = self.post_attention_layernorm(x)
     if self.kind == "moe":
       y, routing = self.mlp(h, segment_ids)
       out, aux = x + y, router_stats(routing, segment_ids, self.routing_devices)
     else:
       out, aux = x + self.mlp(h), None
-    return constrain(out, ("batch", "activation_length", "activation_embed")), aux
+    out = constrain(out, ("batch", "activation_length", "activation_embed"))
+    return (out, (aux, cache)) if return_cache else (out, aux)
+
+  def decode(self, x_B1D, cos, sin, cache_latent, cache_rope, positions_B, attend):
+    """One token per row through this layer with the latent cache (see MLAttention.decode)."""
+    a, new_entry = self.self_attn.decode(self.input_layernorm(x_B1D), cos, sin, cache_latent,
+                                         cache_rope, positions_B, attend)
+    x = x_B1D + a
+    h = self.post_attention_layernorm(x)
+    y = self.mlp(h)[0] if self.kind == "moe" else self.mlp(h)
+    return constrain(x + y, ("batch", "activation_length", "activation_embed")), new_entry
 
 
 def router_stats(r, segment_ids_BT, num_devices: int = 1):
@@ -86,11 +99,11 @@ class LayerStack(nnx.Module):
       if isinstance(var, nnx.Variable) and var.has_metadata("axes"):
         var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
 
-  def __call__(self, x, cos, sin, segment_ids):
+  def __call__(self, x, cos, sin, segment_ids, return_cache: bool = False):
     graphdef, state = nnx.split(self.layers)
 
     def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids)
+      return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, return_cache)
 
     policy = self.cfg.remat_policy
     if policy != "none":
@@ -102,6 +115,16 @@ class LayerStack(nnx.Module):
       x, aux = body(x, jax.tree.map(lambda a, i=i: a[i], state))
       auxes.append(aux)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] is not None else None
+
+  def decode(self, x_B1D, cos, sin, cache_latent_LBSR, cache_rope_LBSK, positions_B, attend):
+    """One token per row through the run; returns (x, the new entries [L, B, R], [L, B, K])."""
+    graphdef, state = nnx.split(self.layers)
+
+    def body(h, xs):
+      layer_state, cl, cr = xs
+      return nnx.merge(graphdef, layer_state).decode(h, cos, sin, cl, cr, positions_B, attend)
+
+    return jax.lax.scan(body, x_B1D, (state, cache_latent_LBSR, cache_rope_LBSK))
 
 
 def segment_positions(segment_ids_BT):
@@ -135,8 +158,10 @@ class DeepseekV2(nnx.Module):
       self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   std, pd)
 
-  def hidden_states(self, input_ids_BT, segment_ids_BT=None, positions_BT=None):
-    """Final-normed hidden states [B, T, D] and the aux dict."""
+  def hidden_states(self, input_ids_BT, segment_ids_BT=None, positions_BT=None,
+                    return_cache: bool = False):
+    """Final-normed hidden states [B, T, D] and the aux dict (with return_cache, aux["cache"]
+    holds per run of layers the cache entries: latent [L, B, T, R], rope key [L, B, T, K])."""
     cfg = self.cfg
     input_ids_BT = jnp.asarray(input_ids_BT)
     if input_ids_BT.ndim != 2:
@@ -149,15 +174,23 @@ class DeepseekV2(nnx.Module):
       if jnp.shape(a) != input_ids_BT.shape:
         raise ValueError(f"{name} must have the shape of input_ids {input_ids_BT.shape}, "
                          f"got {jnp.shape(a)}")
-    x = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.dtype))
-    x = constrain(x, ("batch", "activation_length", "activation_embed"))
+    x = constrain(self.embed(input_ids_BT), ("batch", "activation_length", "activation_embed"))
     cos, sin = rope_tables(cfg, jnp.asarray(positions_BT))
-    router = []
+    router, cache = [], []
     for stack in self.stacks:
-      x, aux = stack(x, cos, sin, jnp.asarray(segment_ids_BT))
+      x, aux = stack(x, cos, sin, jnp.asarray(segment_ids_BT), return_cache)
+      if return_cache:
+        aux, entries = aux
+        cache.append(entries)
       if aux is not None:
         router.append(aux)
-    return self.norm(x), {"router": router}
+    out = {"router": router}
+    if return_cache:
+      out["cache"] = cache
+    return self.norm(x), out
+
+  def embed(self, input_ids):
+    return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype_of(self.cfg.dtype))
 
   def logits(self, h_BTD):
     dt = dtype_of(self.cfg.dtype)

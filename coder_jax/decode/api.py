@@ -1,0 +1,86 @@
+"""Text in, text out: `generate(model, tokenizer, prompts, ...)`, and `load(checkpoint)`."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax.numpy as jnp
+
+from coder_jax.decode.generate import generate_ids
+
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  enc = tokenizer.encode(text, add_special_tokens=False)
+  return list(enc.ids if hasattr(enc, "ids") else enc)
+
+
+def _special_id(tokenizer, token: str) -> int | None:
+  return tokenizer.token_to_id(token)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+  """`text` up to the first occurrence of any stop string."""
+  cut = len(text)
+  for s in stop:
+    i = text.find(s)
+    if s and i >= 0:
+      cut = min(cut, i)
+  return text[:cut]
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop: Sequence[str] = (), seed: int = 0, add_bos: bool = True,
+             batch_size: int | None = None, attention_impl: str = "auto",
+             mesh=None) -> list[str] | str:
+  """Completions (prompt excluded) for one prompt or a list, cut before the first stop string.
+
+  temperature 0 is greedy; top_k 0 / top_p 1 switch those filters off. A row ends at EOS, at a
+  stop string, or after max_new_tokens. Stop strings also stop the loop early when their
+  tokenization appears in the output (a stop string that BPE splits differently in context is
+  still cut from the text). The same seed and inputs give the same outputs. batch_size: rows
+  per compiled batch (default: all prompts at once).
+  """
+  single = isinstance(prompts, str)
+  prompts = [prompts] if single else list(prompts)
+  bos = _special_id(tokenizer, BOS_TOKEN) if add_bos else None
+  ids = [([bos] if bos is not None else []) + _encode(tokenizer, p) for p in prompts]
+  stop_ids = [_encode(tokenizer, s) for s in stop if s]
+  step = batch_size or max(len(ids), 1)
+  texts = []
+  for start in range(0, len(ids), step):
+    chunk = ids[start:start + step]
+    if len(chunk) < step and start:   # keep one compiled shape for every chunk
+      chunk = chunk + [chunk[0]] * (step - len(chunk))
+    out = generate_ids(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, eos_id=_special_id(tokenizer, EOS_TOKEN),
+                       stop_ids=stop_ids, seed=seed + start, attention_impl=attention_impl,
+                       mesh=mesh)
+    texts += [cut_at_stop(tokenizer.decode(t), stop) for t in out.tokens]
+  texts = texts[:len(prompts)]
+  return texts[0] if single else texts
+
+
+def load(checkpoint: str, *, step: int | None = None, tokenizer: str | None = None,
+         dtype=jnp.float32, **runtime):
+  """(model, tokenizer or None) from a Hugging Face directory (config.json + safetensors) or a
+  training MODEL_DIR (Orbax; latest step unless `step`). The tokenizer is `tokenizer` if given,
+  else the checkpoint directory's tokenizer.json if present."""
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
+  if os.path.exists(os.path.join(checkpoint, "config.json")):
+    from coder_jax import hf
+    model = hf.load(checkpoint, dtype, **runtime)
+  else:
+    from coder_jax.train.checkpoint import load_params
+    model, _ = load_params(checkpoint, step, **runtime)
+  path = tokenizer or os.path.join(checkpoint, "tokenizer.json")
+  tok = None
+  if tokenizer or os.path.exists(path):
+    from coder_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(path)
+  return model, tok

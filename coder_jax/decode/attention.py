@@ -1,0 +1,54 @@
+"""Attention over the latent cache at decode time, by name (like `attention_impl`).
+
+  reference       XLA (pallas_kernels.decode_attention's reference)
+  pallas          this platform's kernel (Triton on GPU, Mosaic on TPU; on CPU the Triton
+                  kernel in Pallas' interpreter)
+  pallas_triton / pallas_tpu   one backend, interpreted off its platform
+  auto            pallas on GPU and TPU, reference on CPU
+Each is `fn(q_latent [B, H, R], q_rope [B, H, K], latent [B, S, R], rope [B, S, K],
+lengths [B], sm_scale) -> [B, H, R]`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+_NATIVE = {"triton": "gpu", "tpu": "tpu"}
+
+
+def _reference(q_latent, q_rope, latent, rope, lengths, sm_scale):
+  from pallas_kernels.decode_attention.reference import reference_latent_decode_attention
+  return reference_latent_decode_attention(q_latent, q_rope, latent, rope, lengths,
+                                           sm_scale=sm_scale)
+
+
+def _kernel(q_latent, q_rope, latent, rope, lengths, sm_scale, *, backend):
+  from pallas_kernels.decode_attention import latent_decode_attention
+  platform = jax.default_backend()
+  if backend is None:
+    backend = {"gpu": "triton", "tpu": "tpu"}.get(platform, "triton")
+    interpret = platform not in ("gpu", "tpu")
+  else:
+    interpret = platform != _NATIVE[backend]
+  return latent_decode_attention(q_latent, q_rope, latent, rope, lengths, sm_scale=sm_scale,
+                                 backend=backend, interpret=interpret)
+
+
+IMPLS = {
+    "reference": _reference,
+    "pallas": functools.partial(_kernel, backend=None),
+    "pallas_triton": functools.partial(_kernel, backend="triton"),
+    "pallas_tpu": functools.partial(_kernel, backend="tpu"),
+}
+IMPLS["xla"] = IMPLS["reference"]
+
+
+def get_decode_attention(name: str):
+  if name == "auto":
+    name = "reference" if jax.default_backend() == "cpu" else "pallas"
+  if name not in IMPLS:
+    raise ValueError(f"decode attention_impl: unknown implementation {name!r}; registered: "
+                     f"auto, {', '.join(sorted(IMPLS))}")
+  return IMPLS[name]

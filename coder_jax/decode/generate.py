@@ -1,0 +1,166 @@
+"""Batched generation: one prefill, then one jitted loop of single-token steps over the cache.
+
+Prompts are right-padded to a shared bucketed length; every row keeps its own length, so row b's
+k-th new token sits at position len_b + k and attends to cache entries [0, len_b + k]. The whole
+loop (prefill, sampling, cache writes, stop checks) is one compiled program with fixed shapes,
+stopping early once every row has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from coder_jax.decode import cache as cache_lib
+from coder_jax.decode.attention import get_decode_attention
+from coder_jax.decode.sampling import sample
+from coder_jax.model.rope import rope_tables
+
+FINISH = ("length", "eos", "stop")
+_NO_TOKEN = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  tokens: list[list[int]]          # new tokens per row (EOS and what follows excluded)
+  finish_reason: list[str]         # "eos", "stop" (a stop token sequence) or "length"
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def _stop_table(stop_ids: Sequence[Sequence[int]]):
+  """[n, L] right-aligned stop sequences, -1 = no constraint (at least one row, never matching)."""
+  seqs = [list(s) for s in stop_ids if len(s)]
+  width = max([len(s) for s in seqs] + [1])
+  table = np.full((max(len(seqs), 1), width), -1, np.int32)
+  live = np.zeros(table.shape[0], bool)
+  for i, s in enumerate(seqs):
+    table[i, width - len(s):] = s
+    live[i] = True
+  return jnp.asarray(table), jnp.asarray(live)
+
+
+def _decode_step(model, cache, tokens_B, positions_B, attend):
+  """Logits [B, V] for one new token per row, and the cache with its entries written."""
+  x = model.embed(jnp.maximum(tokens_B, 0)[:, None])
+  cos, sin = rope_tables(model.cfg, positions_B[:, None])
+  entries = []
+  for r, stack in enumerate(model.stacks):
+    x, new = stack.decode(x, cos, sin, cache.latent[r], cache.rope[r], positions_B, attend)
+    entries.append(new)
+  logits = model.logits(model.norm(x))[:, 0]
+  return logits, cache_lib.write(cache, entries, positions_B)
+
+
+def prefill(model, prompt_BT, lengths_B, max_length: int):
+  """(logits [B, V] at each row's last prompt token, cache of `max_length` positions)."""
+  t = prompt_BT.shape[1]
+  seg = (jnp.arange(t)[None, :] < lengths_B[:, None]).astype(jnp.int32)  # 0 = padding
+  h, aux = model.hidden_states(prompt_BT, seg, return_cache=True)
+  last = h[jnp.arange(h.shape[0]), lengths_B - 1][:, None]
+  cache = cache_lib.from_prefill(aux["cache"], max_length, model.cfg.dtype)
+  return model.logits(last)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "attend"))
+def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, top_p, eos_id,
+              stop_table, stop_live, *, max_new_tokens: int, attend: str):
+  model = nnx.merge(graphdef, state)
+  attend_fn = get_decode_attention(attend)
+  b, t = prompt_BT.shape
+  logits, cache = prefill(model, prompt_BT, lengths_B, t + max_new_tokens)
+  window = jnp.full((b, stop_table.shape[1]), -2, jnp.int32)
+  carry = dict(i=jnp.int32(0), cache=cache, logits=logits, done=jnp.zeros((b,), bool),
+               reason=jnp.zeros((b,), jnp.int32), window=window,
+               out=jnp.full((b, max_new_tokens), _NO_TOKEN, jnp.int32))
+
+  def cond(c):
+    return (c["i"] < max_new_tokens) & ~jnp.all(c["done"])
+
+  def body(c):
+    i = c["i"]
+    tok = sample(c["logits"], jax.random.fold_in(key, i), temperature=temperature, top_k=top_k,
+                 top_p=top_p)
+    tok = jnp.where(c["done"], _NO_TOKEN, tok)
+    window = jnp.concatenate([c["window"][:, 1:], tok[:, None]], axis=1)
+    match = jnp.all((stop_table[None] < 0) | (window[:, None, :] == stop_table[None]), axis=-1)
+    hit_stop = jnp.any(match & stop_live[None], axis=-1)
+    hit_eos = tok == eos_id
+    live = ~c["done"]
+    reason = jnp.where(live & hit_eos, 1, jnp.where(live & hit_stop, 2, c["reason"]))
+    logits, cache = _decode_step(model, c["cache"], tok, lengths_B + i, attend_fn)
+    return dict(i=i + 1, cache=cache, logits=logits, done=c["done"] | hit_eos | hit_stop,
+                reason=reason, window=window, out=c["out"].at[:, i].set(tok))
+
+  final = jax.lax.while_loop(cond, body, carry)
+  return final["out"], final["reason"]
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p):
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off); got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1] (1 = off); got {top_p}")
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_id: int | None = None, stop_ids: Sequence[Sequence[int]] = (), seed: int = 0,
+                 attention_impl: str = "auto", mesh=None) -> Generated:
+  """Token-level generation for a batch of token-id prompts (see `generate` for the settings).
+
+  mesh: run sharded like training (parameters as they are placed; rows over the batch axes);
+  the batch is padded to a multiple of the devices that split it.
+  """
+  _check_settings(max_new_tokens, temperature, top_k, top_p)
+  prompts = [list(map(int, p)) for p in prompts]
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (add a BOS token to empty prompts)")
+  vocab = model.cfg.vocab_size
+  if any(not 0 <= x < vocab for p in prompts for x in p):
+    raise ValueError(f"prompt token ids must be in [0, {vocab})")
+  if model.cfg.max_position_embeddings and max(map(len, prompts)) + max_new_tokens > \
+      model.cfg.max_position_embeddings:
+    raise ValueError(f"prompt + max_new_tokens exceeds max_position_embeddings "
+                     f"{model.cfg.max_position_embeddings}")
+  n = len(prompts)
+  rows = n
+  if mesh is not None:
+    split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape]))
+    rows = -(-n // split) * split
+  t = _bucket(max(map(len, prompts)))
+  ids = np.zeros((rows, t), np.int32)
+  lengths = np.ones((rows,), np.int32)
+  for i, p in enumerate(prompts + [prompts[0]] * (rows - n)):
+    ids[i, :len(p)] = p
+    lengths[i] = len(p)
+  table, live = _stop_table(stop_ids)
+  graphdef, state = nnx.split(model)
+  args = (graphdef, state, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
+          jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+          jnp.int32(-1 if eos_id is None else eos_id), table, live)
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      out, reason = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl)
+  else:
+    out, reason = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl)
+  out, reason = np.asarray(out)[:n], np.asarray(reason)[:n]
+  tokens = []
+  for row, r in zip(out, reason):
+    row = [int(x) for x in row if x != _NO_TOKEN]
+    if r == 1:
+      row = row[:-1]    # the EOS itself
+    tokens.append(row)
+  return Generated(tokens, [FINISH[int(r)] for r in reason])

@@ -1,0 +1,43 @@
+"""Next-token choice from logits: greedy, temperature, top-k, top-p (jax only).
+
+The settings are traced values (one compilation serves every setting); a row with
+temperature 0 is greedy. top_k 0 and top_p 1 disable those filters.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits_BV, *, top_k, top_p):
+  """Logits with everything outside the top-k and the top-p nucleus set to -inf.
+
+  The nucleus keeps the smallest prefix of the descending order whose probability reaches
+  top_p (the token that crosses the threshold included), so at least one token survives.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  v = logits_BV.shape[-1]
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  rank_V = jnp.arange(v)
+  probs = jax.nn.softmax(sorted_BV, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs          # probability mass ranked above each token
+  k = jnp.where(top_k > 0, top_k, v)
+  keep_BV = (rank_V[None, :] < k) & (before < top_p)
+  keep_BV = keep_BV.at[:, 0].set(True)
+  # The smallest kept logit is the cut; ties with it are kept too (they are equally likely).
+  cut_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1)
+  return jnp.where(logits_BV >= cut_B[:, None], logits_BV, -jnp.inf)
+
+
+def sample(logits_BV, key, *, temperature, top_k, top_p):
+  """[B] int32 tokens. temperature, top_k, top_p: scalars or [B] arrays."""
+  b = logits_BV.shape[0]
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
+  top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  scaled = logits_BV.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  filtered = filter_logits(scaled, top_k=top_k[:, None], top_p=top_p[:, None])
+  drawn_B = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn_B, greedy_B)
