@@ -33,7 +33,8 @@ def values_per_token(cfg: ModelConfig) -> int:
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
-  return values_per_token(cfg) * cfg.num_hidden_layers * jnp.dtype(dtype).itemsize
+  from coder_jax.model.info import kv_cache_bytes_per_token
+  return kv_cache_bytes_per_token(cfg, jnp.dtype(dtype).itemsize)
 
 
 def _pin(a):
