@@ -149,7 +149,8 @@ def test_eos_and_stop_sequences_end_rows():
   assert out.tokens[1] == row[:end] and out.finish_reason[1] == "stop"
 
 
-def test_sharded_generation_matches_one_device():
+@pytest.mark.parametrize("impl", ["auto", "pallas_tpu"])
+def test_sharded_generation_matches_one_device(impl):
   from coder_jax.parallel.mesh import MeshConfig, make_mesh
   from coder_jax.train.state import param_specs, to_shardings
   from flax import nnx
@@ -159,7 +160,8 @@ def test_sharded_generation_matches_one_device():
   graphdef, state = nnx.split(model)
   params = jax.device_put(nnx.to_pure_dict(state), to_shardings(param_specs(state, mesh), mesh))
   sharded = nnx.merge(graphdef, params)
-  assert generate_ids(sharded, PROMPTS, max_new_tokens=6, mesh=mesh).tokens == want
+  got = generate_ids(sharded, PROMPTS, max_new_tokens=6, mesh=mesh, attention_impl=impl)
+  assert got.tokens == want
 
 
 @pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])

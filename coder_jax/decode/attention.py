@@ -15,6 +15,8 @@ import functools
 
 import jax
 
+from coder_jax.parallel.rules import per_shard
+
 _NATIVE = {"triton": "gpu", "tpu": "tpu"}
 
 
@@ -32,8 +34,15 @@ def _kernel(q_latent, q_rope, latent, rope, lengths, sm_scale, *, backend):
     interpret = platform not in ("gpu", "tpu")
   else:
     interpret = platform != _NATIVE[backend]
-  return latent_decode_attention(q_latent, q_rope, latent, rope, lengths, sm_scale=sm_scale,
-                                 backend=backend, interpret=interpret)
+
+  def run(q_latent, q_rope, latent, rope, lengths):
+    return latent_decode_attention(q_latent, q_rope, latent, rope, lengths, sm_scale=sm_scale,
+                                   backend=backend, interpret=interpret)
+  # Under a mesh each device attends for its own rows (the kernel is opaque to XLA's
+  # partitioner); heads and the latent stay whole.
+  rows3, rows2 = ("batch", None, None), ("batch",)
+  return per_shard(run, (q_latent, q_rope, latent, rope, lengths),
+                   (rows3, rows3, rows3, rows3, rows2), rows3, q_latent.shape)
 
 
 IMPLS = {

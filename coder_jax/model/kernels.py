@@ -20,6 +20,11 @@ import jax
 
 from coder_jax.model.attention import get_attention_impl, register_attention_impl
 from coder_jax.model.moe import get_moe_impl, register_moe_impl, sorted_experts
+from coder_jax.parallel.rules import per_shard
+
+# Attention kernels run per (batch rows, heads) shard under a mesh.
+_QKV = ("batch", "activation_length", "heads", None)
+_SEG = ("batch", "activation_length")
 
 _NATIVE = {"triton": "gpu", "tpu": "tpu"}
 
@@ -39,8 +44,12 @@ def _pallas_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_id
     raise NotImplementedError("attention_impl pallas: self-attention only (one segment_ids for "
                               "queries and keys); decoding has its own kernel")
   backend, interpret = _kernel_backend(backend)
-  return mla_attention(q_BTHK, k_BSHK, v_BSHV, segment_ids=q_segment_ids_BT, causal=causal,
-                       sm_scale=scale, backend=backend, interpret=interpret)
+
+  def run(q, k, v, seg):
+    return mla_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale,
+                         backend=backend, interpret=interpret)
+  return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, q_segment_ids_BT), (_QKV, _QKV, _QKV, _SEG),
+                   _QKV, v_BSHV.shape)
 
 
 def _tokamax_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale,
@@ -48,8 +57,11 @@ def _tokamax_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_i
   from pallas_kernels.baselines import tokamax_attention
   if kv_segment_ids_BS is not q_segment_ids_BT:
     raise NotImplementedError("attention_impl tokamax: self-attention only")
-  return tokamax_attention(q_BTHK, k_BSHK, v_BSHV, segment_ids=q_segment_ids_BT, causal=causal,
-                           sm_scale=scale)
+
+  def run(q, k, v, seg):
+    return tokamax_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale)
+  return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, q_segment_ids_BT), (_QKV, _QKV, _QKV, _SEG),
+                   _QKV, v_BSHV.shape)
 
 
 def _auto_attention(*args, **kw):

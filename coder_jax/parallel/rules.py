@@ -79,3 +79,19 @@ def constrain(x, axes):
   if mesh is None or mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def per_shard(fn, args, in_axes, out_axes, out_shape):
+  """fn(*args) run on each device's shard inside `shard_map` when a mesh is active.
+
+  Kernels (pallas_call) are opaque to XLA's partitioner, which would gather their operands and
+  compute the whole batch on every device; here each device runs the kernel on its own rows
+  (and heads). in_axes / out_axes: logical axis names per dimension, as for parameters.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return fn(*args)
+  in_specs = tuple(logical_to_spec(ax, a.shape, mesh) for ax, a in zip(in_axes, args))
+  out_spec = logical_to_spec(out_axes, out_shape, mesh)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                       check_vma=False)(*args)

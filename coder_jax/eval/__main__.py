@@ -1,0 +1,150 @@
+"""Evaluation command line.
+
+    python -m coder_jax.eval humaneval --checkpoint PATH [--tokenizer PATH] [--step N]
+        [--n_samples 1] [--temperature 0.0] [--top_p 1.0] [--top_k 0] [--max_new_tokens 384]
+        [--k 1,10] [--limit N] [--out humaneval_results.jsonl] [--batch_size B] [--seed 0]
+        [--timeout_s 10] [--workers W]
+    python -m coder_jax.eval perplexity --checkpoint PATH --data_dir DATA_DIR
+        [--split validation] [--batches N] [--batch_size 8] [--seq_len 512] [--tokenizer PATH]
+        [--task code_python] [--fim_rate 0.0] [--step N]
+
+PATH is a Hugging Face directory (config.json + safetensors, tokenizer.json if present) or a
+training MODEL_DIR (Orbax checkpoints; latest step unless --step). The summary goes to stdout,
+progress to stderr. Errors a user can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from coder_jax.eval.passk import parse_ks
+
+
+def _positive(name):
+  def parse(text):
+    try:
+      v = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
+    if v < 1:
+      raise argparse.ArgumentTypeError(f"{name}: must be >= 1, got {v}")
+    return v
+  return parse
+
+
+def parse_flags(argv):
+  ap = argparse.ArgumentParser(prog="python -m coder_jax.eval", description=__doc__.split("\n")[0])
+  sub = ap.add_subparsers(dest="cmd", required=True)
+
+  def common(p):
+    p.add_argument("--checkpoint", required=True, help="Hugging Face dir or training MODEL_DIR")
+    p.add_argument("--step", type=int, help="training checkpoint step (default: latest)")
+    p.add_argument("--batch_size", type=_positive("--batch_size"))
+
+  h = sub.add_parser("humaneval", help="pass@k on HumanEval (164 problems)")
+  common(h)
+  h.add_argument("--tokenizer", help="tokenizer.json when the checkpoint has none")
+  h.add_argument("--n_samples", type=_positive("--n_samples"), default=1)
+  h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  h.add_argument("--top_p", type=float, default=1.0)
+  h.add_argument("--top_k", type=int, default=0)
+  h.add_argument("--max_new_tokens", type=_positive("--max_new_tokens"), default=384)
+  h.add_argument("--k", default="1,10", help="comma-separated; k > n_samples is skipped")
+  h.add_argument("--limit", type=_positive("--limit"), help="first N problems only")
+  h.add_argument("--out", default="humaneval_results.jsonl", help="per-sample JSONL")
+  h.add_argument("--seed", type=int, default=0)
+  h.add_argument("--timeout_s", type=float, default=10.0, help="per program")
+  h.add_argument("--workers", type=_positive("--workers"), help="sandbox processes")
+
+  p = sub.add_parser("perplexity", help="cross entropy / perplexity on held-out code")
+  common(p)
+  p.add_argument("--data_dir", required=True, help="DATA_DIR of `python -m coder_jax.data build`")
+  p.add_argument("--tokenizer", help="default: DATA_DIR/tokenizer.json")
+  p.add_argument("--split", default="validation")
+  p.add_argument("--batches", type=_positive("--batches"), help="default: the whole split")
+  p.add_argument("--seq_len", type=_positive("--seq_len"), default=512)
+  p.add_argument("--task", help="one language's task (e.g. code_python) instead of the mixture")
+  p.add_argument("--fim_rate", type=float, default=0.0)
+  p.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args(argv)
+  if args.cmd == "perplexity" and args.batch_size is None:
+    args.batch_size = 8
+  return args
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def load_checkpoint(path: str, step: int | None = None, tokenizer: str | None = None,
+                    need_tokenizer: bool = True):
+  """(model, tokenizer or None) with the user's mistakes turned into one-line errors."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--checkpoint: {path}: no such file or directory")
+  from coder_jax.decode import load
+  model, tok = load(path, step=step, tokenizer=tokenizer)
+  if need_tokenizer and tok is None:
+    raise FileNotFoundError(f"--checkpoint: {path} has no tokenizer.json; pass --tokenizer PATH")
+  if tok is not None:
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > model.cfg.vocab_size:
+      raise ValueError(f"--tokenizer: has {n} tokens but the model's vocab_size is "
+                       f"{model.cfg.vocab_size}; it is not this model's tokenizer")
+  return model, tok
+
+
+def cmd_humaneval(args) -> dict:
+  from coder_jax.eval.humaneval import evaluate_humaneval, format_summary, load_problems
+  ks = parse_ks(args.k)
+  problems = load_problems(limit=args.limit)  # before the model: a missing package fails fast
+  model, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+  _log(f"humaneval: {len(problems)} problems x {args.n_samples} samples from {args.checkpoint}")
+  r = evaluate_humaneval(model, tok, problems=problems, n_samples=args.n_samples,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, ks=ks, batch_size=args.batch_size,
+                         seed=args.seed, timeout_s=args.timeout_s, max_workers=args.workers,
+                         out=args.out, log=_log)
+  print(format_summary(r), flush=True)
+  return r
+
+
+def cmd_perplexity(args) -> dict:
+  from absl import logging as absl_logging
+  from coder_jax.eval.perplexity import format_summary, perplexity, validation_batches
+  # SeqIO warns once per language that has no validation documents; that is expected here.
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  batches = validation_batches(args.data_dir, seq_len=args.seq_len, batch_size=args.batch_size,
+                               split=args.split, tokenizer=args.tokenizer, task=args.task,
+                               fim_rate=args.fim_rate, seed=args.seed)
+  model, _ = load_checkpoint(args.checkpoint, args.step, need_tokenizer=False)
+  from coder_jax.data.tokenizer import load_tokenizer
+  n = load_tokenizer(batches.cfg.tokenizer).get_vocab_size(with_added_tokens=True)
+  if n > model.cfg.vocab_size:
+    raise ValueError(f"--data_dir: its tokenizer has {n} tokens but the model's vocab_size is "
+                     f"{model.cfg.vocab_size}; this data was not tokenized for this model")
+  r = perplexity(model, batches, max_batches=args.batches, log=_log)
+  what = f"{args.split} split of {args.task or 'the code mixture'}, {args.seq_len}-token rows"
+  print(format_summary(r, what), flush=True)
+  return r
+
+
+def main(argv=None) -> dict:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data pipeline imports TensorFlow
+  args = parse_flags(sys.argv[1:] if argv is None else argv)
+  return (cmd_humaneval if args.cmd == "humaneval" else cmd_perplexity)(args)
+
+
+def run(argv=None) -> int:
+  """main() with errors a user can fix reported as one line, exit status 2 (as coder_jax.main)."""
+  try:
+    main(argv)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(run())
