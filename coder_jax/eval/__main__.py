@@ -22,16 +22,15 @@ import sys
 from coder_jax.eval.passk import parse_ks
 
 
-def _positive(name):
-  def parse(text):
-    try:
-      v = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
-    if v < 1:
-      raise argparse.ArgumentTypeError(f"{name}: must be >= 1, got {v}")
-    return v
-  return parse
+def _positive(text):
+  # argparse prefixes the message with "argument --name: ".
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+  return v
 
 
 def parse_flags(argv):
@@ -41,30 +40,30 @@ def parse_flags(argv):
   def common(p):
     p.add_argument("--checkpoint", required=True, help="Hugging Face dir or training MODEL_DIR")
     p.add_argument("--step", type=int, help="training checkpoint step (default: latest)")
-    p.add_argument("--batch_size", type=_positive("--batch_size"))
+    p.add_argument("--batch_size", type=_positive)
 
   h = sub.add_parser("humaneval", help="pass@k on HumanEval (164 problems)")
   common(h)
   h.add_argument("--tokenizer", help="tokenizer.json when the checkpoint has none")
-  h.add_argument("--n_samples", type=_positive("--n_samples"), default=1)
+  h.add_argument("--n_samples", type=_positive, default=1)
   h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   h.add_argument("--top_p", type=float, default=1.0)
   h.add_argument("--top_k", type=int, default=0)
-  h.add_argument("--max_new_tokens", type=_positive("--max_new_tokens"), default=384)
+  h.add_argument("--max_new_tokens", type=_positive, default=384)
   h.add_argument("--k", default="1,10", help="comma-separated; k > n_samples is skipped")
-  h.add_argument("--limit", type=_positive("--limit"), help="first N problems only")
+  h.add_argument("--limit", type=_positive, help="first N problems only")
   h.add_argument("--out", default="humaneval_results.jsonl", help="per-sample JSONL")
   h.add_argument("--seed", type=int, default=0)
   h.add_argument("--timeout_s", type=float, default=10.0, help="per program")
-  h.add_argument("--workers", type=_positive("--workers"), help="sandbox processes")
+  h.add_argument("--workers", type=_positive, help="sandbox processes")
 
   p = sub.add_parser("perplexity", help="cross entropy / perplexity on held-out code")
   common(p)
   p.add_argument("--data_dir", required=True, help="DATA_DIR of `python -m coder_jax.data build`")
   p.add_argument("--tokenizer", help="default: DATA_DIR/tokenizer.json")
   p.add_argument("--split", default="validation")
-  p.add_argument("--batches", type=_positive("--batches"), help="default: the whole split")
-  p.add_argument("--seq_len", type=_positive("--seq_len"), default=512)
+  p.add_argument("--batches", type=_positive, help="default: the whole split")
+  p.add_argument("--seq_len", type=_positive, default=512)
   p.add_argument("--task", help="one language's task (e.g. code_python) instead of the mixture")
   p.add_argument("--fim_rate", type=float, default=0.0)
   p.add_argument("--seed", type=int, default=0)

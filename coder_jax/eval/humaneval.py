@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+# Re-exported: completions from elsewhere (RL rollouts, saved JSONL) need the cut generate() makes.
+from coder_jax.decode.api import cut_at_stop  # noqa: F401
 from coder_jax.eval.passk import mean_pass_at_k
 
 # A line starting at column 0 with one of these begins a new top-level statement, so the body
@@ -53,17 +55,6 @@ def load_problems(path: str | None = None, limit: int | None = None) -> list[dic
       raise ValueError(f"--limit: must be >= 1, got {limit}")
     problems = problems[:limit]
   return problems
-
-
-def cut_at_stop(text: str, stop: Sequence[str] = STOP) -> str:
-  """`text` up to (not including) the earliest stop string. generate() already does this;
-  it is here for completions that come from elsewhere (an RL rollout, a saved JSONL)."""
-  cut = len(text)
-  for s in stop:
-    i = text.find(s)
-    if s and i != -1:
-      cut = min(cut, i)
-  return text[:cut]
 
 
 def build_program(problem: dict, completion: str) -> str:
@@ -119,7 +110,7 @@ def sample_completions(model, tokenizer, problems: Sequence[dict], *, n_samples:
                    seed=round_seed(seed, r), batch_size=batch_size)
     if len(out) != len(prompts):
       raise RuntimeError(f"generate returned {len(out)} completions for {len(prompts)} prompts")
-    by_round.append([cut_at_stop(c, stop) for c in out])
+    by_round.append(list(out))  # generate() has cut each before its first stop string
     if log:
       log(f"round {r + 1}/{rounds}: {len(prompts)} completions in "
           f"{time.perf_counter() - t0:.1f} s")

@@ -9,6 +9,7 @@ last batch like a full one).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -37,15 +38,14 @@ def _make_scorer(model):
 
 
 def perplexity(model, batches: Iterable[dict], *, max_batches: int | None = None,
-               log: Callable[[str], None] | None = None) -> dict:
+               log: Callable[[str], None] | None = None, log_every: int = 10) -> dict:
   """{'cross_entropy' (nats / token), 'perplexity', 'bits_per_token', 'tokens', 'batches',
   'seconds', 'tokens_per_s'} of `model` over `batches` (dicts of [batch, seq_len] arrays)."""
   state, score = _make_scorer(model)
   ce_sum, tokens, n = 0.0, 0.0, 0
   t0 = time.perf_counter()
-  for batch in batches:
-    if max_batches is not None and n >= max_batches:
-      break
+  # islice: stop before pulling a batch that will not be scored (each costs a pipeline read).
+  for batch in itertools.islice(batches, max_batches):
     b = {k: jnp.asarray(batch[k], jnp.int32) for k in ("inputs", "targets", "segment_ids")}
     positions = batch.get("positions")
     if positions is None:  # restart per segment, as the pipeline writes them
@@ -59,7 +59,7 @@ def perplexity(model, batches: Iterable[dict], *, max_batches: int | None = None
     ce_sum += float(s)
     tokens += float(w)
     n += 1
-    if log:
+    if log and n % log_every == 0:
       log(f"batch {n}: {int(tokens)} tokens, cross entropy {ce_sum / max(tokens, 1):.4f}")
   dt = time.perf_counter() - t0
   if tokens == 0:
