@@ -193,6 +193,19 @@ def _make(version: str, bases: dict, max_tasks: int, memory_bytes: int | None) -
   return RunCgroup(version, dirs, pids_dir, mem_dir)
 
 
+def _sweep(bases: dict) -> None:
+  """Removes empty groups left by callers that died mid-run (rmdir refuses non-empty ones)."""
+  for base in {b for b in bases.values() if b}:
+    parent = os.path.join(base, _GROUP)
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+      pid = name.split("-")[0]
+      if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        try:
+          os.rmdir(os.path.join(parent, name))
+        except OSError:
+          pass
+
+
 def probe() -> tuple[str | None, bool, str]:
   """(version or None, memory cap available, reason): creates and removes a test group."""
   if _layout_cache:
@@ -202,6 +215,7 @@ def probe() -> tuple[str | None, bool, str]:
     if version is None:
       result = (None, False, bases)
     else:
+      _sweep(bases)
       cg = _make(version, bases, 8, 64 << 20)
       memory = cg.mem_dir is not None
       cg.destroy()

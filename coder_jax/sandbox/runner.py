@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import marshal
 import os
 import secrets
 import selectors
@@ -23,7 +24,8 @@ import threading
 import time
 
 from coder_jax.sandbox import _cgroup
-from coder_jax.sandbox.limits import Limits, Result, SandboxError, SandboxUnavailable, _seconds
+from coder_jax.sandbox.limits import (STATUSES, Limits, Result, SandboxError, SandboxUnavailable,
+                                      _seconds)
 
 log = logging.getLogger("coder_jax.sandbox")
 
@@ -45,6 +47,36 @@ def _python() -> str:
   return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
+def _others_can_run(exe: str) -> bool:
+  """Whether uid 65534 can run `exe` and read its prefix (e.g. not under a 0700 /root)."""
+  prefix = os.path.dirname(os.path.dirname(exe))
+  try:
+    if not os.stat(exe).st_mode & 0o005 == 0o005:
+      return False
+    path = os.path.join(prefix, "lib")
+    while True:
+      if not os.stat(path).st_mode & 0o001:
+        return False
+      if path == "/":
+        return True
+      path = os.path.dirname(path)
+  except OSError:
+    return False
+
+
+def _rlimits_python() -> str | None:
+  """The rlimits mode runs a root caller's programs as uid 65534: it needs an interpreter that
+  uid can read. Non-root callers run programs as themselves."""
+  base = _python()
+  if os.geteuid() != 0:
+    return base
+  for exe in (base, "/usr/bin/python3", "/usr/local/bin/python3"):
+    exe = os.path.realpath(exe)
+    if os.path.isfile(exe) and _others_can_run(exe):
+      return exe
+  return None
+
+
 def _ro_paths(python: str) -> list[str]:
   paths = [p for p in _SYSTEM_RO if os.path.lexists(p)]
   for extra in (os.path.realpath(sys.base_prefix), os.path.dirname(python)):
@@ -53,22 +85,24 @@ def _ro_paths(python: str) -> list[str]:
   return paths
 
 
-def _probe_namespaces(cgroup: str | None) -> tuple[bool, str, int | None]:
-  """Runs a trivial check in the namespaces mode: (works, why not, the worker's uid)."""
+def _probe(mode: str, cgroup: str | None, python: str) -> tuple[str, dict | None]:
+  """Runs a trivial check in `mode`: ("", facts) where it works, else (why not, None)."""
   fd, sentinel = tempfile.mkstemp(prefix="coder_jax_sbx_probe_")
   os.close(fd)
-  test = ("import json, os\n"
-          "print(json.dumps({'uid': os.getuid()}))\n"
-          f"assert not os.path.exists({sentinel!r}), 'host /tmp is visible'\n")
+  test = ("import json, os, subprocess\n"  # imports: the interpreter's stdlib is readable
+          f"print(json.dumps({{'uid': os.getuid(), 'sees_host_tmp': os.path.exists({sentinel!r})}}))\n")
   try:
-    r = _run_one("", test, Limits(wall_s=10.0), "namespaces", None, cgroup, None)
+    r = _run_one("", test, Limits(wall_s=10.0), mode, None, cgroup, python)
   except OSError as e:
-    return False, f"namespaces probe: {e}", None
+    return f"{mode} probe: {e}", None
   finally:
     os.unlink(sentinel)
   if not r.passed:
-    return False, f"namespaces probe {r.status}: {r.detail} {r.stderr[-300:]}".strip(), None
-  return True, "", json.loads(r.stdout.splitlines()[0])["uid"]
+    return f"{mode} probe {r.status}: {r.detail} {r.stderr[-300:]}".strip(), None
+  facts = json.loads(r.stdout.splitlines()[0])
+  if mode == "namespaces" and facts["sees_host_tmp"]:
+    return "namespaces probe: the host's /tmp is visible inside", None
+  return "", facts
 
 
 def capabilities() -> dict:
@@ -76,12 +110,17 @@ def capabilities() -> dict:
   with _caps_lock:
     if not _caps:
       version, memory, cg_reason = _cgroup.probe()
-      ok, why, uid = _probe_namespaces(version)
+      ns_why, ns = _probe("namespaces", version, _python())
+      rl_python = _rlimits_python()
+      rl_why, rl = ("no interpreter that uid 65534 can read", None) if rl_python is None \
+        else _probe("rlimits", version, rl_python)
       _caps.update(
-        namespaces=ok, namespaces_reason=why or "user+mount+net+pid+ipc+uts namespaces work",
+        namespaces=ns is not None, namespaces_reason=ns_why or "user, mount, net, pid, ipc and "
+        "uts namespaces work", rlimits=rl is not None, rlimits_reason=rl_why or "works",
         cgroup=version, memory_cap=memory, cgroup_reason=cg_reason, python=_python(),
+        python_rlimits=rl_python,
         # RLIMIT_NPROC binds only non-root host uids: the namespace's 65534 or a non-root caller.
-        ns_worker_host_uid=(_NOBODY if uid == _NOBODY else os.geteuid()) if ok else None)
+        ns_worker_host_uid=(_NOBODY if ns["uid"] == _NOBODY else os.geteuid()) if ns else None)
     caps = dict(_caps)
   caps["isolation"] = _default_mode(caps)
   caps["process_cap"] = {m: _process_cap(m, caps) for m in MODES}
@@ -148,8 +187,8 @@ def _resolve(isolation: str | None) -> tuple[str, dict]:
     mode, why = isolation, "forced by isolation='rlimits'"
   else:
     raise ValueError(f"isolation must be one of {MODES} or None, got {isolation!r}")
-  if mode == "namespaces" and not caps["namespaces"]:
-    raise SandboxUnavailable(f"namespaces isolation is unavailable: {caps['namespaces_reason']}")
+  if not caps[mode]:
+    raise SandboxUnavailable(f"{mode} isolation is unavailable: {caps[mode + '_reason']}")
   if _process_cap(mode, caps) is None:
     # A fork bomb without a cap takes the host down: refuse rather than run unbounded.
     raise SandboxUnavailable(
@@ -158,6 +197,10 @@ def _resolve(isolation: str | None) -> tuple[str, dict]:
   if mode == "rlimits":
     _warn_fallback(why)
   return mode, caps
+
+
+def _mode_python(mode: str, caps: dict) -> str:
+  return caps["python"] if mode == "namespaces" else caps["python_rlimits"]
 
 
 class _Capped:
@@ -176,7 +219,7 @@ class _Capped:
     return self.data.decode("utf-8", "replace")
 
 
-def _run_one(program, test, limits: Limits, mode: str, tag, cgroup, caps) -> Result:
+def _run_one(program, test, limits: Limits, mode: str, tag, cgroup, python: str) -> Result:
   t0 = time.monotonic()
   workdir = tempfile.mkdtemp(prefix="coder_jax_sbx_")
   nonce = secrets.token_hex(16)
@@ -205,8 +248,8 @@ def _run_one(program, test, limits: Limits, mode: str, tag, cgroup, caps) -> Res
     cfg = dict(paths, mode=mode, workdir=workdir, verdict_fd=vw, wall_s=limits.wall_s,
                cpu_s=limits.cpu_limit_s, limits=dataclasses.asdict(limits), nproc=nproc,
                drop_uid=_NOBODY if root else None, nice=limits.nice, tag=tag,
-               ro_paths=_ro_paths(_python()))
-    cmd = [_python(), "-I", "-S", _HARNESS] + ([f"--tag={tag}"] if tag else [])
+               ro_paths=_ro_paths(python))
+    cmd = [python, "-I", "-S", _HARNESS] + ([f"--tag={tag}"] if tag else [])
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     if tag:
       env["CODER_JAX_SANDBOX_TAG"] = tag
@@ -217,7 +260,7 @@ def _run_one(program, test, limits: Limits, mode: str, tag, cgroup, caps) -> Res
     vw = -1
     if cg is not None:  # before S reads its config, i.e. before it forks anything
       cg.add(proc.pid)
-    blob = json.dumps(cfg).encode()
+    blob = marshal.dumps(cfg)  # only our harness reads it; marshal needs no imports there
     try:
       proc.stdin.write(len(blob).to_bytes(4, "big") + blob + nonce.encode())
       proc.stdin.close()
@@ -278,11 +321,14 @@ def _result(raw, nonce, timed_out, oom, pid_hits, limits, mode, out, err, wall, 
   if timed_out:
     return Result("timeout", detail=f"no verdict within the wall limit ({limits.wall_s:g} s) "
                   f"+ {_GRACE_S:g} s", **common)
-  if not isinstance(v, dict) or not secrets.compare_digest(str(v.get("nonce", "")), nonce):
+  if (not isinstance(v, dict) or v.get("status") not in STATUSES
+      or not secrets.compare_digest(str(v.get("nonce", "")).encode(), nonce.encode())):
     return Result("error", detail="no valid verdict from the harness", **common)
   status, detail = v["status"], v.get("detail", "")
   if not v.get("completed") and status in ("failed", "killed") and oom:
     status, detail = "killed", "memory limit (cgroup OOM kill)"
+  elif oom and status != "passed":
+    detail += f" (the cgroup OOM-killed {oom} process(es))"
   if pid_hits and status != "passed":
     detail += f" (process limit {limits.max_processes} reached {pid_hits}x)"
   return Result(status, detail=detail, exception=v.get("exception"),
@@ -321,7 +367,7 @@ def check(program: str, test: str, timeout_s: float | None = None, *,
   if tag is not None and (not isinstance(tag, str) or not tag.isprintable() or len(tag) > 200):
     raise ValueError(f"tag must be a printable str of <= 200 chars, got {tag!r}")
   mode, caps = _resolve(isolation)
-  return _run_one(program, test, limits, mode, tag, caps["cgroup"], caps)
+  return _run_one(program, test, limits, mode, tag, caps["cgroup"], _mode_python(mode, caps))
 
 
 def check_many(items, max_workers: int | None = None, timeout_s: float | None = None, *,
@@ -347,10 +393,11 @@ def check_many(items, max_workers: int | None = None, timeout_s: float | None = 
   if not pairs:
     return []
   mode, caps = _resolve(isolation)
+  python = _mode_python(mode, caps)
 
   def one(pair):
     try:
-      return _run_one(pair[0], pair[1], limits, mode, tag, caps["cgroup"], caps)
+      return _run_one(pair[0], pair[1], limits, mode, tag, caps["cgroup"], python)
     except (OSError, SandboxError) as e:
       return Result("error", isolation=mode, detail=f"sandbox failure: {e}")
 
