@@ -75,14 +75,14 @@ def test_auto_resolves_per_platform(monkeypatch):
 
 
 def test_kernel_backend_interprets_off_platform(monkeypatch):
-  from coder_jax.model.kernels import _kernel_backend
+  from coder_jax.model.kernels import kernel_backend
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert _kernel_backend(None) == ("triton", True)          # CPU: the GPU kernel, interpreted
-  assert _kernel_backend("tpu") == ("tpu", True)
+  assert kernel_backend(None) == ("triton", True)          # CPU: the GPU kernel, interpreted
+  assert kernel_backend("tpu") == ("tpu", True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert _kernel_backend(None) == ("triton", False)
+  assert kernel_backend(None) == ("triton", False)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert _kernel_backend(None) == ("tpu", False)
+  assert kernel_backend(None) == ("tpu", False)
 
 
 def test_pallas_attention_rejects_cross_attention():

@@ -15,10 +15,8 @@ import functools
 
 import jax
 
+from coder_jax.model.kernels import kernel_backend
 from coder_jax.parallel.rules import per_shard
-
-_NATIVE = {"triton": "gpu", "tpu": "tpu"}
-
 
 def _reference(q_latent, q_rope, latent, rope, lengths, sm_scale):
   from pallas_kernels.decode_attention.reference import reference_latent_decode_attention
@@ -28,12 +26,7 @@ def _reference(q_latent, q_rope, latent, rope, lengths, sm_scale):
 
 def _kernel(q_latent, q_rope, latent, rope, lengths, sm_scale, *, backend):
   from pallas_kernels.decode_attention import latent_decode_attention
-  platform = jax.default_backend()
-  if backend is None:
-    backend = {"gpu": "triton", "tpu": "tpu"}.get(platform, "triton")
-    interpret = platform not in ("gpu", "tpu")
-  else:
-    interpret = platform != _NATIVE[backend]
+  backend, interpret = kernel_backend(backend)
 
   def run(q_latent, q_rope, latent, rope, lengths):
     return latent_decode_attention(q_latent, q_rope, latent, rope, lengths, sm_scale=sm_scale,

@@ -29,7 +29,7 @@ _SEG = ("batch", "activation_length")
 _NATIVE = {"triton": "gpu", "tpu": "tpu"}
 
 
-def _kernel_backend(backend: str | None) -> tuple[str, bool]:
+def kernel_backend(backend: str | None) -> tuple[str, bool]:
   """(pallas backend, interpret) for a requested backend (None: this platform's)."""
   platform = jax.default_backend()
   if backend is None:
@@ -43,7 +43,7 @@ def _pallas_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_id
   if kv_segment_ids_BS is not q_segment_ids_BT:
     raise NotImplementedError("attention_impl pallas: self-attention only (one segment_ids for "
                               "queries and keys); decoding has its own kernel")
-  backend, interpret = _kernel_backend(backend)
+  backend, interpret = kernel_backend(backend)
 
   def run(q, k, v, seg):
     return mla_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale,
@@ -71,7 +71,7 @@ def _auto_attention(*args, **kw):
 
 def _pallas_matmul(lhs, rhs, group_sizes, *, backend=None):
   from pallas_kernels import grouped_matmul
-  backend, interpret = _kernel_backend(backend)
+  backend, interpret = kernel_backend(backend)
   return grouped_matmul(lhs, rhs, group_sizes, backend=backend, interpret=interpret)
 
 
