@@ -51,14 +51,14 @@ def _scores(q_chunks, k_ref, start, rows, cols, qseg, kseg, *, scale2, causal, k
   return s if mask is None else jnp.where(mask, s, MASKED), mask
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale2, causal,
-                kv_len, use_seg, bq, bk, seq_k, qk_chunks, v_chunks):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, first_ref, last_ref, o_ref, lse_ref, *,
+                scale2, causal, kv_len, use_seg, bq, bk, seq_k, qk_chunks, v_chunks):
   i = pl.program_id(0)
   prec = _precision(q_ref.dtype)
   rows = i * bq + jnp.arange(bq)
   q_chunks = [((off, size), q_ref[:, pl.ds(off, size)]) for off, size in qk_chunks]
   qseg = qseg_ref[...] if use_seg else None
-  n_blocks, n_below = _kv_range(i, bq, bk, seq_k, causal)
+  lo, mid, hi = _kv_blocks(i, first_ref, last_ref, bq, bk, seq_k, causal, use_seg)
 
   def body(j, carry, diagonal):
     m, l, accs = carry
@@ -78,16 +78,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
 
   init = (jnp.full((bq,), MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32),
           tuple(jnp.zeros((bq, size), jnp.float32) for _, size in v_chunks))
-  carry = lax.fori_loop(0, n_below, functools.partial(body, diagonal=False), init)
-  m, l, accs = lax.fori_loop(n_below, n_blocks, functools.partial(body, diagonal=causal), carry)
+  carry = lax.fori_loop(lo, mid, functools.partial(body, diagonal=False), init)
+  m, l, accs = lax.fori_loop(mid, hi, functools.partial(body, diagonal=causal), carry)
   for acc, (off, size) in zip(accs, v_chunks):
     o_ref[:, pl.ds(off, size)] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, scale2, sm_scale, causal, kv_len, use_seg, bq, bk, seq_q,
-                 qk_chunks, v_chunks):
+def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, first_ref, last_ref, do_ref, lse_ref,
+                 delta_ref, dk_ref, dv_ref, *, scale2, sm_scale, causal, kv_len, use_seg, bq, bk,
+                 seq_q, qk_chunks, v_chunks):
   j = pl.program_id(0)
   prec = _precision(q_ref.dtype)
   cols = j * bk + jnp.arange(bk)
@@ -97,7 +97,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
   n_q = seq_q // bq
   # Causal: q blocks before `first` see none of these keys; from `full` on they see all.
   first = (j * bk) // bq if causal else 0
-  full = jnp.minimum(pl.cdiv((j + 1) * bk - 1, bq), n_q) if causal else 0
+  upper = n_q
+  if use_seg:   # only queries within these keys' segments' spans can see them
+    first = jnp.maximum(first, jnp.min(first_ref[...]) // bq)
+    upper = jnp.minimum(upper, jnp.max(last_ref[...]) // bq + 1)
+  full = jnp.clip(pl.cdiv((j + 1) * bk - 1, bq), first, upper) if causal else first
 
   def body(i, carry, diagonal):
     dks, dvs = carry
@@ -128,15 +132,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
   init = (tuple(jnp.zeros((bk, size), jnp.float32) for _, size in qk_chunks),
           tuple(jnp.zeros((bk, size), jnp.float32) for _, size in v_chunks))
   carry = lax.fori_loop(first, full, functools.partial(body, diagonal=causal), init)
-  dks, dvs = lax.fori_loop(full, n_q, functools.partial(body, diagonal=False), carry)
+  dks, dvs = lax.fori_loop(full, upper, functools.partial(body, diagonal=False), carry)
   for dk, (off, size) in zip(dks, qk_chunks):
     dk_ref[:, pl.ds(off, size)] = (dk * sm_scale).astype(dk_ref.dtype)
   for dv, (off, size) in zip(dvs, v_chunks):
     dv_ref[:, pl.ds(off, size)] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               scale2, sm_scale, causal, kv_len, use_seg, bq, bk, seq_k, qk_chunks, v_chunks):
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, first_ref, last_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, scale2, sm_scale, causal, kv_len, use_seg, bq, bk, seq_k,
+               qk_chunks, v_chunks):
   i = pl.program_id(0)
   prec = _precision(q_ref.dtype)
   rows = i * bq + jnp.arange(bq)
@@ -144,7 +149,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
   do_parts = [do_ref[:, pl.ds(off, size)] for off, size in v_chunks]
   qseg = qseg_ref[...] if use_seg else None
   lse, delta = lse_ref[...], delta_ref[...]
-  n_blocks, n_below = _kv_range(i, bq, bk, seq_k, causal)
+  lo, mid, hi = _kv_blocks(i, first_ref, last_ref, bq, bk, seq_k, causal, use_seg)
 
   def body(j, dqs, diagonal):
     cols = j * bk + jnp.arange(bk)
@@ -163,18 +168,44 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
                  for dq, (off, size) in zip(dqs, qk_chunks))
 
   dqs = tuple(jnp.zeros((bq, size), jnp.float32) for _, size in qk_chunks)
-  dqs = lax.fori_loop(0, n_below, functools.partial(body, diagonal=False), dqs)
-  dqs = lax.fori_loop(n_below, n_blocks, functools.partial(body, diagonal=causal), dqs)
+  dqs = lax.fori_loop(lo, mid, functools.partial(body, diagonal=False), dqs)
+  dqs = lax.fori_loop(mid, hi, functools.partial(body, diagonal=causal), dqs)
   for dq, (off, size) in zip(dqs, qk_chunks):
     dq_ref[:, pl.ds(off, size)] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _kv_range(i, bq, bk, seq_k, causal):
-  """(key blocks query block i needs, how many of them lie wholly below the diagonal)."""
-  if not causal:
-    return seq_k // bk, seq_k // bk
-  n_blocks = pl.cdiv(jnp.minimum((i + 1) * bq, seq_k), bk)
-  return n_blocks, jnp.minimum((i * bq + 1) // bk, n_blocks)
+def _kv_blocks(i, first_ref, last_ref, bq, bk, seq_k, causal, use_seg):
+  """Key blocks [lo, hi) query block i must visit; those in [lo, mid) lie wholly below the
+  diagonal (no causal mask needed). With segments, only blocks inside the span of the block's
+  segments (first to last occurrence of their ids) can hold a visible key."""
+  lo, hi = 0, seq_k // bk
+  if causal:
+    hi = pl.cdiv(jnp.minimum((i + 1) * bq, seq_k), bk)
+  if use_seg:
+    lo = jnp.min(first_ref[...]) // bk
+    hi = jnp.minimum(hi, jnp.max(last_ref[...]) // bk + 1)
+  mid = jnp.clip((i * bq + 1) // bk, lo, hi) if causal else hi
+  return lo, mid, hi
+
+
+def segment_spans(seg_BT):
+  """(first, last) [B, T] int32: the first and last index holding each position's segment id.
+
+  Any ids work (a segment need not be contiguous): a stable sort groups equal ids in index
+  order, so a group's first and last sorted entries are its first and last occurrences.
+  """
+  b, t = seg_BT.shape
+  order = jnp.argsort(seg_BT, axis=1, stable=True).astype(jnp.int32)
+  ids = jnp.take_along_axis(seg_BT, order, axis=1)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+  ends = jnp.concatenate([ids[:, 1:] != ids[:, :-1], jnp.ones((b, 1), bool)], axis=1)
+  start_at = lax.cummax(jnp.where(starts, pos, 0), axis=1)
+  end_at = lax.cummin(jnp.where(ends, pos, t - 1), axis=1, reverse=True)
+  first = jnp.take_along_axis(order, start_at, axis=1)
+  last = jnp.take_along_axis(order, end_at, axis=1)
+  unsort = lambda x: jnp.zeros_like(x).at[jnp.arange(b)[:, None], order].set(x)
+  return unsort(first), unsort(last)
 
 
 def _mask(rows, cols, qseg, kseg, *, causal, kv_len, use_seg):
@@ -188,6 +219,11 @@ def _mask(rows, cols, qseg, kseg, *, causal, kv_len, use_seg):
     m = qseg[:, None] == kseg[None, :]
     mask = m if mask is None else mask & m
   return mask
+
+
+def _spans(seg, use_seg):
+  # Without segments the kernels never read these; pass the (already present) ids instead.
+  return segment_spans(seg) if use_seg else (seg, seg)
 
 
 def forward(q, k, v, seg, *, sm_scale, causal, kv_len, use_seg, block_q, block_k, num_warps,
@@ -204,13 +240,15 @@ def forward(q, k, v, seg, *, sm_scale, causal, kv_len, use_seg, block_q, block_k
       kernel, grid=(t // block_q, b, h),
       in_specs=[row(dqk), full(dqk), full(dv),
                 pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
-                pl.BlockSpec((None, t), lambda i, bi, hi: (bi, 0))],
+                pl.BlockSpec((None, t), lambda i, bi, hi: (bi, 0)),
+                pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
+                pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i))],
       out_specs=[row(dv), pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="mla_attention_fwd",
-  )(q, k, v, seg, seg)
+  )(q, k, v, seg, seg, *_spans(seg, use_seg))
 
 
 def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, block_q, block_k,
@@ -219,6 +257,7 @@ def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, blo
   b, t, h, dqk = q.shape
   dv_dim = v.shape[-1]
   delta = jnp.einsum("bthv,bthv->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  spans = _spans(seg, use_seg)
   common = dict(scale2=sm_scale * LOG2E, sm_scale=sm_scale, causal=causal, kv_len=kv_len,
                 use_seg=use_seg, bq=block_q, bk=block_k, qk_chunks=pow2_chunks(dqk),
                 v_chunks=pow2_chunks(dv_dim))
@@ -232,11 +271,13 @@ def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, blo
       functools.partial(_dkdv_kernel, seq_q=t, **common), grid=(t // block_k, b, h),
       in_specs=[full(dqk), kblk(dqk), kblk(dv_dim), full_seg,
                 pl.BlockSpec((None, block_k), lambda j, bi, hi: (bi, j)),
+                pl.BlockSpec((None, block_k), lambda j, bi, hi: (bi, j)),
+                pl.BlockSpec((None, block_k), lambda j, bi, hi: (bi, j)),
                 full(dv_dim), full_row, full_row],
       out_specs=[kblk(dqk), kblk(dv_dim)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=interpret, name="mla_attention_dkdv",
-  )(q, k, v, seg, seg, do, lse, delta)
+  )(q, k, v, seg, seg, *spans, do, lse, delta)
 
   qblk = lambda d: pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   row_vec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
@@ -244,9 +285,11 @@ def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, blo
       functools.partial(_dq_kernel, seq_k=t, **common), grid=(t // block_q, b, h),
       in_specs=[qblk(dqk), full(dqk), full(dv_dim),
                 pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)), full_seg,
+                pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
+                pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
                 qblk(dv_dim), row_vec, row_vec],
       out_specs=qblk(dqk),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params, interpret=interpret, name="mla_attention_dq",
-  )(q, k, v, seg, seg, do, lse, delta)
+  )(q, k, v, seg, seg, *spans, do, lse, delta)
   return dq, dk, dv
