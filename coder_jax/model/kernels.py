@@ -37,31 +37,30 @@ def kernel_backend(backend: str | None) -> tuple[str, bool]:
   return backend, platform != _NATIVE[backend]
 
 
-def _pallas_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale,
-                      causal=True, backend=None):
+def _self_attention(name: str, attend):
+  """An attention impl running `attend(q, k, v, *, segment_ids, causal, sm_scale)` on each
+  device's rows and heads."""
+  def impl(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale, causal=True):
+    if kv_segment_ids_BS is not q_segment_ids_BT:
+      raise NotImplementedError(f"attention_impl {name}: self-attention only (one segment_ids "
+                                "for queries and keys); decoding has its own kernel")
+
+    def run(q, k, v, seg):
+      return attend(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale)
+    return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, q_segment_ids_BT), (_QKV, _QKV, _QKV, _SEG),
+                     _QKV, v_BSHV.shape)
+  return impl
+
+
+def _pallas_attention(q, k, v, *, backend=None, **kw):
   from pallas_kernels import mla_attention
-  if kv_segment_ids_BS is not q_segment_ids_BT:
-    raise NotImplementedError("attention_impl pallas: self-attention only (one segment_ids for "
-                              "queries and keys); decoding has its own kernel")
   backend, interpret = kernel_backend(backend)
-
-  def run(q, k, v, seg):
-    return mla_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale,
-                         backend=backend, interpret=interpret)
-  return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, q_segment_ids_BT), (_QKV, _QKV, _QKV, _SEG),
-                   _QKV, v_BSHV.shape)
+  return mla_attention(q, k, v, backend=backend, interpret=interpret, **kw)
 
 
-def _tokamax_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale,
-                       causal=True):
+def _tokamax_attention(q, k, v, **kw):
   from pallas_kernels.baselines import tokamax_attention
-  if kv_segment_ids_BS is not q_segment_ids_BT:
-    raise NotImplementedError("attention_impl tokamax: self-attention only")
-
-  def run(q, k, v, seg):
-    return tokamax_attention(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale)
-  return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, q_segment_ids_BT), (_QKV, _QKV, _QKV, _SEG),
-                   _QKV, v_BSHV.shape)
+  return tokamax_attention(q, k, v, **kw)
 
 
 def _auto_attention(*args, **kw):
@@ -86,10 +85,11 @@ def _auto_experts(*args, **kw):
 
 
 for _name, _backend in (("pallas", None), ("pallas_triton", "triton"), ("pallas_tpu", "tpu")):
-  register_attention_impl(_name, functools.partial(_pallas_attention, backend=_backend))
+  register_attention_impl(_name, _self_attention(
+      _name, functools.partial(_pallas_attention, backend=_backend)))
   register_moe_impl(_name, functools.partial(
       sorted_experts, matmul=functools.partial(_pallas_matmul, backend=_backend)))
-register_attention_impl("tokamax", _tokamax_attention)
+register_attention_impl("tokamax", _self_attention("tokamax", _tokamax_attention))
 register_moe_impl("tokamax", functools.partial(sorted_experts, matmul=_tokamax_matmul))
 register_attention_impl("auto", _auto_attention)
 register_moe_impl("auto", _auto_experts)
