@@ -125,6 +125,8 @@ def test_greedy_is_deterministic_and_rows_are_independent():
   assert a.finish_reason == ["length"] * 3
   for p, t in zip(PROMPTS, a.tokens):        # batched rows equal each row alone
     assert generate_ids(model, [p], max_new_tokens=10).tokens[0] == t
+  unrolled = init_model(TINY.replace(scan_layers=False), seed=2)   # prefill without the scan
+  assert generate_ids(unrolled, PROMPTS, max_new_tokens=10) == a
 
 
 def test_seeded_sampling_is_reproducible():
