@@ -4,6 +4,9 @@
 # block-size tuning, and benchmarks/decode.py on the Lite-width proxy. From the repository root:
 #   bash benchmarks/device_check.sh [WHEEL_DIR]     # WHEEL_DIR default .whl
 #   PARTS="kernels" bash benchmarks/device_check.sh # only some parts (tests, kernels, decode)
+# The parts' time limits (TEST_TIMEOUT 150 s, BENCH_TIMEOUT 300 s, DECODE_TIMEOUT 120 s) keep one
+# call under the device tool's 600 s; every table is printed as soon as it is measured, so a part
+# cut short still reports what it finished.
 # WHEEL_DIR holds pure-Python wheels to install first: gin-config, and optionally tokamax
 # 0.0.17 with its dependencies (qwix, einshape, jaxtyping, wadler-lindig, typeguard==2.13.3,
 # tensorboardx, pydantic + pydantic-core, typing-inspection, annotated-types, immutabledict).
@@ -30,17 +33,17 @@ for part in $parts; do
     tests)
       # (The expert-parallel model test wants 4 devices; it runs on fake CPU devices in ./test.sh.)
       echo "== kernel tests, compiled for the device"
-      JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}" timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q \
+      JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}" timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q \
         -p no:xdist -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_gmm.py \
         tests/test_kernels_decode.py tests/test_kernels_model.py -k "not expert_parallel and not \
         per_shard" 2>&1 | grep -v "^I0000\|^W0000" | tail -25 ;;
     kernels)
       echo "== benchmarks/kernels.py --tune"
-      timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/kernels.py --tune 2>&1 \
+      timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/kernels.py --tune 2>&1 \
         | grep -v "^I0000\|^W0000" ;;
     decode)
       echo "== benchmarks/decode.py --lite_proxy"
-      timeout "${DECODE_TIMEOUT:-150}" python3 benchmarks/decode.py --lite_proxy \
+      timeout "${DECODE_TIMEOUT:-120}" python3 benchmarks/decode.py --lite_proxy \
         --attention_impls auto,reference 2>&1 | grep -v "^I0000\|^W0000" ;;
     *) echo "unknown part $part (tests, kernels, decode)"; exit 2 ;;
   esac
