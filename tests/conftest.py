@@ -6,3 +6,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture
+def cpu_as_tpu_v5p(monkeypatch):
+  """Mosaic's lowering (when lowering for "tpu" from another machine) asks for the device's TPU
+  generation; describe this machine's first device as a v5p."""
+  import jax
+  from jax._src.pallas.mosaic import tpu_info
+  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
+                      lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5P, 2))

@@ -172,14 +172,6 @@ def test_default_splits_fill_the_gpu():
   assert default_num_splits(256, 1, 64) == 1
 
 
-@pytest.fixture
-def cpu_as_tpu_v5p(monkeypatch):
-  """Mosaic's lowering asks for the device's TPU generation; describe this CPU as a v5p."""
-  from jax._src.pallas.mosaic import tpu_info
-  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
-                      lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5P, 2))
-
-
 @pytest.mark.parametrize("backend, platform, call", [
     ("triton", "cuda", r"custom_call @__gpu\$xla\.gpu\.triton"),
     ("tpu", "tpu", r"custom_call @tpu_custom_call"),

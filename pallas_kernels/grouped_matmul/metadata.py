@@ -90,3 +90,26 @@ def make_work_plan(group_sizes_G: jax.Array, m: int, tm: int, *, for_tgmm: bool)
       first_of_group_I=as_i32(active & (item == item_begin[group])),
       last_of_group_I=as_i32(active & (item == cum_counts[group] - 1)),
   )
+
+
+class GmmSetup(NamedTuple):
+  o_dim: int          # output columns: N, or K with transpose_rhs
+  tc: int             # tile of the contracted dim
+  to: int             # tile of the output columns
+  out_dtype: object
+  compute_dtype: object
+  plan: WorkPlan
+
+
+def gmm_setup(lhs_MC, rhs_G, group_sizes_G, *, tm, tk, tn, transpose_rhs, out_dtype):
+  """What both backends' gmm derive from their arguments. rhs is always [G, K, N]: with
+  transpose_rhs lhs is [M, N], contracted with rhs's N axis, and the output is [M, K]."""
+  _, k_dim, n_dim = rhs_G.shape
+  if transpose_rhs:
+    o_dim, tc, to = k_dim, tn, tk
+  else:
+    o_dim, tc, to = n_dim, tk, tn
+  out_dtype = jnp.dtype(lhs_MC.dtype if out_dtype is None else out_dtype)
+  compute_dtype = jnp.promote_types(lhs_MC.dtype, rhs_G.dtype)
+  plan = make_work_plan(group_sizes_G, lhs_MC.shape[0], tm, for_tgmm=False)
+  return GmmSetup(o_dim, tc, to, out_dtype, compute_dtype, plan)

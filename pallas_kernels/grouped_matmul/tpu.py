@@ -107,14 +107,10 @@ def gmm(lhs_MC, rhs_G, group_sizes_G, *, tm, tk, tn, transpose_rhs=False, out_dt
   returns [M, K] from [tk, tn] blocks, never materialising rhs^T.
   """
   m, c_dim = lhs_MC.shape
-  num_groups, k_dim, n_dim = rhs_G.shape
-  if transpose_rhs:
-    o_dim, tc, to = k_dim, tn, tk
-  else:
-    o_dim, tc, to = n_dim, tk, tn
-  out_dtype = jnp.dtype(lhs_MC.dtype if out_dtype is None else out_dtype)
-  compute_dtype = jnp.promote_types(lhs_MC.dtype, rhs_G.dtype)
-  plan = metadata.make_work_plan(group_sizes_G, m, tm, for_tgmm=False)
+  num_groups = rhs_G.shape[0]
+  o_dim, tc, to, out_dtype, compute_dtype, plan = metadata.gmm_setup(
+      lhs_MC, rhs_G, group_sizes_G, tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs,
+      out_dtype=out_dtype)
   num_items = plan.group_ids_I.shape[0]
 
   def lhs_map(ob, item, cb, group_ids, tile_ids, *_):
