@@ -126,7 +126,8 @@ def test_xla_backend_matches_float64_numpy():
     (dict(seg=(2, 9)), "segment_ids must be integer \\[B, T\\]"),
     (dict(seg_dtype=jnp.float32), "segment_ids must be integer"),
     (dict(backend="cuda"), "unknown backend 'cuda'"),
-    (dict(backend="xla", interpret=True), "needs backend='triton' or 'tpu'"),
+    (dict(backend="xla", interpret=True),
+     "interpret=True needs a kernel backend: pass backend='triton' or 'tpu'"),
     (dict(backend="triton", blocks=BlockSizes(24, 16, 16, 16)), "power of two >= 16; got 24"),
     (dict(backend="tpu", blocks=BlockSizes(16, 12, 16, 16)), "multiple of 8; got 12"),
     (dict(backend="tpu", interpret=False, q=(2, 300, 2, 16), blocks=BlockSizes(128, 64, 128, 128)),
@@ -196,3 +197,16 @@ def test_many_short_and_scattered_segments(backend, causal):
                                                               causal=causal), q, k, v, do)
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(g, w) <= 1e-5, (name, rel_err(g, w))
+
+
+def test_backend_rule(monkeypatch):
+  """One rule for every kernel: None picks the platform's kernel; interpret needs a kernel."""
+  from pallas_kernels.backends import resolve_backend
+  for platform, want in (("gpu", "triton"), ("tpu", "tpu"), ("cpu", "xla")):
+    monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+    assert resolve_backend("op", None, False) == want
+  assert resolve_backend("op", "tpu", True) == "tpu"
+  with pytest.raises(ValueError, match="op: interpret=True needs a kernel backend"):
+    resolve_backend("op", None, True)
+  with pytest.raises(ValueError, match="op: unknown backend 'mosaic'"):
+    resolve_backend("op", "mosaic", False)

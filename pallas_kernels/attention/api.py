@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention import vjp
 from pallas_kernels.attention.reference import reference_attention
+from pallas_kernels.backends import resolve_backend
 
-BACKENDS = ("xla", "triton", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +38,7 @@ DEFAULT_BLOCKS = {
 }
 
 
-def default_backend() -> str:
-  return {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "xla")
-
-
-def _check(q, k, v, segment_ids, backend, interpret):
+def _check(q, k, v, segment_ids):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"mla_attention: q, k, v must be [B, T, H, D]; got ranks "
                      f"{q.ndim}, {k.ndim}, {v.ndim}")
@@ -59,11 +54,6 @@ def _check(q, k, v, segment_ids, backend, interpret):
     if segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise ValueError(f"mla_attention: segment_ids must be integer [B, T] = {q.shape[:2]}; got "
                        f"{segment_ids.dtype}{list(segment_ids.shape)}")
-  if backend not in BACKENDS:
-    raise ValueError(f"mla_attention: unknown backend {backend!r}; one of {BACKENDS}")
-  if interpret and backend == "xla":
-    raise ValueError("mla_attention: interpret=True runs a kernel on CPU, so it needs "
-                     "backend='triton' or 'tpu'")
 
 
 def _fit_blocks(bs: BlockSizes, t: int, backend: str) -> BlockSizes:
@@ -94,8 +84,8 @@ def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: f
   `pltpu.InterpretParams`, or pass an InterpretParams yourself).
   Differentiable in q, k, v (flash backward from the saved log-sum-exp).
   """
-  backend = default_backend() if backend is None else backend
-  _check(q, k, v, segment_ids, backend, interpret)
+  backend = resolve_backend("mla_attention", backend, interpret)
+  _check(q, k, v, segment_ids)
   b, t, h, dqk = q.shape
   dv = v.shape[-1]
   sm_scale = float(dqk ** -0.5 if sm_scale is None else sm_scale)

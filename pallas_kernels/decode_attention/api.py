@@ -8,9 +8,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backends import resolve_backend
 from pallas_kernels.decode_attention.reference import reference_latent_decode_attention
 
-BACKENDS = ("xla", "triton", "tpu")
 
 # Starting points, not tuned on hardware yet.
 TRITON_HEAD_BLOCK = 16        # heads per program: tl.dot's minimum M; more heads -> more programs
@@ -20,10 +20,6 @@ TRITON_CACHE_TILE_BYTES = 64 * 1024   # one [block_s, R] cache tile; x num_stage
 TRITON_MAX_BLOCK_S = 64
 GPU_SM_COUNT = 132            # H100 SXM: default splits aim for at least one program per SM
 TPU_BLOCK_S = 512
-
-
-def default_backend() -> str:
-  return {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -59,11 +55,6 @@ def _check(q_latent, q_rope, latent_cache, rope_cache, lengths, backend, interpr
   if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"latent_decode_attention: lengths must be integer [B] = [{b}]; got "
                      f"{lengths.dtype}{list(lengths.shape)}")
-  if backend not in BACKENDS:
-    raise ValueError(f"latent_decode_attention: unknown backend {backend!r}; one of {BACKENDS}")
-  if interpret and backend == "xla":
-    raise ValueError("latent_decode_attention: interpret=True runs a kernel on CPU, so it needs "
-                     "backend='triton' or 'tpu'")
   if num_splits is not None:
     if not isinstance(num_splits, int) or num_splits < 1:
       raise ValueError(f"latent_decode_attention: num_splits must be a positive int; got "
@@ -153,7 +144,7 @@ def latent_decode_attention(q_latent, q_rope, latent_cache, rope_cache, lengths,
   Inference only: the kernel backends raise NotImplementedError under jax.grad / jax.vjp;
   backend='xla' is plain XLA and differentiable. All backends work under jax.jit.
   """
-  backend = default_backend() if backend is None else backend
+  backend = resolve_backend("latent_decode_attention", backend, interpret)
   _check(q_latent, q_rope, latent_cache, rope_cache, lengths, backend, interpret, num_splits,
          dict(num_warps=num_warps, num_stages=num_stages))
   sm_scale = float(sm_scale)

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.backends import resolve_backend
 from pallas_kernels.grouped_matmul import tpu, triton
 from pallas_kernels.grouped_matmul.reference import reference_grouped_matmul
 from pallas_kernels.grouped_matmul.vjp import KernelConfig, gmm_with_vjp
 
-BACKENDS = ("xla", "triton", "tpu")
-_KERNEL_BACKENDS = ("triton", "tpu")
-_PLATFORM_BACKEND = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "tpu"}
 
 
 def _fail(msg: str):
   raise ValueError(f"grouped_matmul: {msg}")
-
-
-def resolve_backend(backend: str | None, interpret: bool) -> str:
-  if backend is None:
-    backend = _PLATFORM_BACKEND.get(jax.default_backend(), "xla")
-  elif backend not in BACKENDS:
-    _fail(f"unknown backend {backend!r}; expected None or one of {BACKENDS}")
-  if interpret and backend not in _KERNEL_BACKENDS:
-    _fail(f"interpret=True needs a kernel backend ('triton' or 'tpu'), got backend {backend!r}")
-  return backend
 
 
 def _check_inputs(lhs, rhs, group_sizes, preferred_element_type):
@@ -111,7 +98,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, backend=None, interpret=False, tili
   """
   lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
   _check_inputs(lhs, rhs, group_sizes, preferred_element_type)
-  backend = resolve_backend(backend, interpret)
+  backend = resolve_backend("grouped_matmul", backend, interpret)
   tiling = _check_tiling(tiling)
   out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
   (m, k), n = lhs.shape, rhs.shape[2]

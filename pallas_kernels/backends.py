@@ -1,0 +1,25 @@
+"""The backend rule every kernel's public function shares."""
+
+from __future__ import annotations
+
+import jax
+
+BACKENDS = ("xla", "triton", "tpu")
+_PLATFORM_BACKEND = {"gpu": "triton", "tpu": "tpu"}
+
+
+def resolve_backend(op: str, backend: str | None, interpret) -> str:
+  """The backend to run: None picks this platform's kernel (Triton on GPU, Mosaic on TPU) or
+  the XLA reference elsewhere. interpret=True runs a kernel on CPU, so it needs a kernel
+  backend named explicitly."""
+  if backend is None and interpret:
+    raise ValueError(f"{op}: interpret=True needs a kernel backend: pass backend='triton' or "
+                     "'tpu'")
+  if backend is None:
+    return _PLATFORM_BACKEND.get(jax.default_backend(), "xla")
+  if backend not in BACKENDS:
+    raise ValueError(f"{op}: unknown backend {backend!r}; one of {BACKENDS}")
+  if interpret and backend == "xla":
+    raise ValueError(f"{op}: interpret=True needs a kernel backend: pass backend='triton' or "
+                     "'tpu'")
+  return backend
