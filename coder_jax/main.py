@@ -51,13 +51,8 @@ def main(argv=None):
 
 def run(argv=None) -> int:
   """main() with errors a user can fix reported as one line and exit status 2."""
-  from coder_jax.model.config import ConfigError  # noqa: F401  (a ValueError)
-  try:
-    main(argv)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    return 2
-  return 0
+  from coder_jax.cli import exit_status
+  return exit_status(main, argv)
 
 
 if __name__ == "__main__":

@@ -136,13 +136,9 @@ def main(argv=None) -> dict:
 
 
 def run(argv=None) -> int:
-  """main() with errors a user can fix reported as one line, exit status 2 (as coder_jax.main)."""
-  try:
-    main(argv)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    return 2
-  return 0
+  """main() with errors a user can fix reported as one line, exit status 2."""
+  from coder_jax.cli import exit_status
+  return exit_status(main, argv)
 
 
 if __name__ == "__main__":
