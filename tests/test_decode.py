@@ -217,7 +217,7 @@ def test_text_generation_and_stop_strings(tokenizer):
   assert cut_at_stop("x = 1\ndef y():", ["\ndef ", "\nclass "]) == "x = 1"
 
 
-def test_command_line(tokenizer, tmp_path):
+def test_command_line(tokenizer, tmp_path, capsys):
   from coder_jax import hf
   _, tok_path = tokenizer
   model = init_model(get_config("tiny", dtype="float32", vocab_size=300), seed=0)
@@ -235,3 +235,9 @@ def test_command_line(tokenizer, tmp_path):
   r = subprocess.run(cmd[:4] + ["/nonexistent", "--prompt", "x"], capture_output=True, text=True,
                      env=env, timeout=300)
   assert r.returncode == 2 and "no such checkpoint directory" in r.stderr
+  from coder_jax.decode.__main__ import run
+  capsys.readouterr()
+  assert run(cmd[3:5]) == 2
+  assert "give at least one --prompt or --prompt_file" in capsys.readouterr().err
+  assert run(cmd[3:5] + ["--prompt_file", str(tmp_path / "none.txt")]) == 2
+  assert "none.txt: no such prompt file" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,7 +21,7 @@ def _unescape(s: str) -> str:
   return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(prog="python -m coder_jax.decode",
                                description=__doc__.split("\n")[0])
   ap.add_argument("--checkpoint", required=True, help="Hugging Face dir or training MODEL_DIR")
@@ -38,31 +39,33 @@ def main(argv=None) -> int:
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args(argv)
   from coder_jax.decode import generate, load
-  try:
-    prompts = [_unescape(p) for p in args.prompt]
-    if args.prompt_file:
-      with open(args.prompt_file, encoding="utf-8") as f:
-        prompts.append(f.read())
-    if not prompts:
-      raise ValueError("give at least one --prompt or --prompt_file")
-    model, tok = load(args.checkpoint, step=args.step, tokenizer=args.tokenizer)
-    if tok is None:
-      raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer")
-    outs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    stop=[_unescape(s) for s in args.stop], seed=args.seed,
-                    attention_impl=args.attention_impl)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    return 2
+  prompts = [_unescape(p) for p in args.prompt]
+  if args.prompt_file:
+    if not os.path.isfile(args.prompt_file):
+      raise FileNotFoundError(f"{args.prompt_file}: no such prompt file")
+    with open(args.prompt_file, encoding="utf-8") as f:
+      prompts.append(f.read())
+  if not prompts:
+    raise ValueError("give at least one --prompt or --prompt_file")
+  model, tok = load(args.checkpoint, step=args.step, tokenizer=args.tokenizer)
+  if tok is None:
+    raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer")
+  outs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  stop=[_unescape(s) for s in args.stop], seed=args.seed,
+                  attention_impl=args.attention_impl)
   for p, c in zip(prompts, outs):
     if args.json:
       print(json.dumps({"prompt": p, "completion": c}))
     else:
       print(p + c)
       print("-" * 40)
-  return 0
+
+
+def run(argv=None) -> int:
+  from coder_jax.cli import exit_status
+  return exit_status(main, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run())
