@@ -167,9 +167,9 @@ def test_kernels_lower_for_their_hardware(backend, platform, call, t, cpu_as_tpu
 
 
 def test_segment_spans_match_numpy():
-  """The Triton kernels skip key blocks outside each block's segment spans; the spans are the
+  """The kernels skip key blocks outside each block's segment spans; the spans are the
   first / last occurrence of each position's id, for any ids (not only contiguous runs)."""
-  from pallas_kernels.attention.triton import segment_spans
+  from pallas_kernels.attention.spans import segment_spans
   seg = np.random.default_rng(13).integers(0, 5, (3, 40)).astype(np.int32)
   first, last = (np.asarray(a) for a in segment_spans(jnp.asarray(seg)))
   for b in range(3):

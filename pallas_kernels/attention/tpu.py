@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.attention.spans import segment_spans
+
 MASKED = -1e30
 _NT = (((1,), (1,)), ((), ()))   # a @ b.T
 _TN = (((0,), (0,)), ((), ()))   # a.T @ b
@@ -42,13 +44,20 @@ def _mask(qi, kj, bq, bk, qseg_ref, kseg_ref, *, causal, kv_len, use_seg):
   return mask
 
 
-def _needed(qi, kj, bq, bk, causal):
-  """Whether block (qi, kj) has any unmasked causal entry."""
-  return (kj * bk <= (qi + 1) * bq - 1) if causal else True
+def _needed(qi, kj, bq, bk, causal, span_first_ref=None, span_last_ref=None, span_of_q=True):
+  """Whether block (qi, kj) can hold a visible entry: some key at or below some query's
+  position (causal) and, with segments, inside the span of the block's documents (the spans of
+  the outer block's rows, `span_of_q`: the query block's, else the key block's)."""
+  ok = (kj * bk <= (qi + 1) * bq - 1) if causal else True
+  if span_first_ref is not None:
+    lo, hi = jnp.min(span_first_ref[...]), jnp.max(span_last_ref[...])
+    start, size = (kj * bk, bk) if span_of_q else (qi * bq, bq)
+    ok = ok & (start <= hi) & (start + size - 1 >= lo)
+  return ok
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                sm_scale, causal, kv_len, use_seg, bq, bk):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, first_ref, last_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, sm_scale, causal, kv_len, use_seg, bq, bk):
   qi, kj = pl.program_id(2), pl.program_id(3)
 
   @pl.when(kj == 0)
@@ -57,7 +66,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  @pl.when(_needed(qi, kj, bq, bk, causal))
+  @pl.when(_needed(qi, kj, bq, bk, causal, *_spans(use_seg, first_ref, last_ref)))
   def _():
     s = _dot(q_ref[...], k_ref[...], _NT) * sm_scale
     mask = _mask(qi, kj, bq, bk, qseg_ref, kseg_ref, causal=causal, kv_len=kv_len,
@@ -87,8 +96,9 @@ def _probs(q_ref, k_ref, lse_ref, qseg_ref, kseg_ref, qi, kj, *, sm_scale, causa
   return p if mask is None else jnp.where(mask, p, 0.0)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, dk_sc, dv_sc, *, sm_scale, causal, kv_len, use_seg, bq, bk):
+def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, first_ref, last_ref, do_ref, lse_ref,
+                 delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, sm_scale, causal, kv_len, use_seg,
+                 bq, bk):
   kj, qi = pl.program_id(2), pl.program_id(3)
 
   @pl.when(qi == 0)
@@ -96,7 +106,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  @pl.when(_needed(qi, kj, bq, bk, causal))
+  @pl.when(_needed(qi, kj, bq, bk, causal, *_spans(use_seg, first_ref, last_ref),
+                   span_of_q=False))
   def _():
     p = _probs(q_ref, k_ref, lse_ref, qseg_ref, kseg_ref, qi, kj, sm_scale=sm_scale,
                causal=causal, kv_len=kv_len, use_seg=use_seg, bq=bq, bk=bk)
@@ -112,15 +123,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc,
-               *, sm_scale, causal, kv_len, use_seg, bq, bk):
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, first_ref, last_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, dq_sc, *, sm_scale, causal, kv_len, use_seg, bq, bk):
   qi, kj = pl.program_id(2), pl.program_id(3)
 
   @pl.when(kj == 0)
   def _():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  @pl.when(_needed(qi, kj, bq, bk, causal))
+  @pl.when(_needed(qi, kj, bq, bk, causal, *_spans(use_seg, first_ref, last_ref)))
   def _():
     p = _probs(q_ref, k_ref, lse_ref, qseg_ref, kseg_ref, qi, kj, sm_scale=sm_scale,
                causal=causal, kv_len=kv_len, use_seg=use_seg, bq=bq, bk=bk)
@@ -131,6 +142,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
   @pl.when(kj == pl.num_programs(3) - 1)
   def _():
     dq_ref[...] = (dq_sc[...] * sm_scale).astype(dq_ref.dtype)
+
+
+def _spans(use_seg, first_ref, last_ref):
+  return (first_ref, last_ref) if use_seg else (None, None)
 
 
 def _block_maps(bq, bk, causal, q_outer: bool):
@@ -158,8 +173,11 @@ def _specs(bq, bk, causal, q_outer, dqk, dv):
   k_side = lambda d: pl.BlockSpec((None, None, bk, d), lambda b, h, x, y: (b, h, kmap(b, h, x, y), 0))
   qseg = pl.BlockSpec((None, bq, 1), lambda b, h, x, y: (b, qmap(b, h, x, y), 0))
   kseg = pl.BlockSpec((None, 1, bk), lambda b, h, x, y: (b, 0, kmap(b, h, x, y)))
+  # Segment spans ride with the outer block (queries in forward / dQ, keys in dK/dV).
+  span = qseg if q_outer else pl.BlockSpec((None, bk, 1),
+                                            lambda b, h, x, y: (b, kmap(b, h, x, y), 0))
   return dict(q=q_side(dqk), k=k_side(dqk), v=k_side(dv), do=q_side(dv), row=q_side(1),
-              qseg=qseg, kseg=kseg, dq=q_side(dqk))
+              qseg=qseg, kseg=kseg, dq=q_side(dqk), span=span)
 
 
 _PARAMS = pltpu.CompilerParams(
@@ -179,7 +197,7 @@ def forward(q, k, v, seg, *, sm_scale, causal, kv_len, use_seg, block_q, block_k
                              use_seg=use_seg, bq=block_q, bk=block_k)
   return pl.pallas_call(
       kernel, grid=(b, h, t // block_q, t // block_k),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["qseg"], sp["kseg"]],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["qseg"], sp["kseg"], sp["span"], sp["span"]],
       out_specs=[sp["do"], sp["row"]],
       out_shape=[jax.ShapeDtypeStruct((b, h, t, dv), v.dtype),
                  jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
@@ -187,7 +205,7 @@ def forward(q, k, v, seg, *, sm_scale, causal, kv_len, use_seg, block_q, block_k
                       pltpu.VMEM((block_q, 1), jnp.float32),
                       pltpu.VMEM((block_q, dv), jnp.float32)],
       compiler_params=_PARAMS, interpret=interpret, name="mla_attention_fwd",
-  )(q, k, v, *_segs(seg))
+  )(q, k, v, *_segs(seg), *(a[:, :, None] for a in segment_spans(seg, use_seg)))
 
 
 def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, block_q, block_k,
@@ -198,13 +216,14 @@ def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, blo
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
   common = dict(sm_scale=sm_scale, causal=causal, kv_len=kv_len, use_seg=use_seg, bq=block_q,
                 bk=block_k)
-  args = (q, k, v, *_segs(seg), do, lse, delta)
+  spans = tuple(a[:, :, None] for a in segment_spans(seg, use_seg))
+  args = (q, k, v, *_segs(seg), *spans, do, lse, delta)
 
   sp = _specs(block_q, block_k, causal, False, dqk, dv_dim)
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, **common), grid=(b, h, t // block_k, t // block_q),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["qseg"], sp["kseg"], sp["do"], sp["row"],
-                sp["row"]],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["qseg"], sp["kseg"], sp["span"], sp["span"],
+                sp["do"], sp["row"], sp["row"]],
       out_specs=[sp["k"], sp["v"]],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((block_k, dqk), jnp.float32),
@@ -215,8 +234,8 @@ def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, blo
   sp = _specs(block_q, block_k, causal, True, dqk, dv_dim)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common), grid=(b, h, t // block_q, t // block_k),
-      in_specs=[sp["q"], sp["k"], sp["v"], sp["qseg"], sp["kseg"], sp["do"], sp["row"],
-                sp["row"]],
+      in_specs=[sp["q"], sp["k"], sp["v"], sp["qseg"], sp["kseg"], sp["span"], sp["span"],
+                sp["do"], sp["row"], sp["row"]],
       out_specs=sp["dq"],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((block_q, dqk), jnp.float32)],

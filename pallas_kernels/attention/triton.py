@@ -19,6 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.attention.spans import segment_spans
+
 LOG2E = math.log2(math.e)
 MASKED = -1e30  # finite, so a fully masked block never makes inf - inf
 
@@ -188,26 +190,6 @@ def _kv_blocks(i, first_ref, last_ref, bq, bk, seq_k, causal, use_seg):
   return lo, mid, hi
 
 
-def segment_spans(seg_BT):
-  """(first, last) [B, T] int32: the first and last index holding each position's segment id.
-
-  Any ids work (a segment need not be contiguous): a stable sort groups equal ids in index
-  order, so a group's first and last sorted entries are its first and last occurrences.
-  """
-  b, t = seg_BT.shape
-  order = jnp.argsort(seg_BT, axis=1, stable=True).astype(jnp.int32)
-  ids = jnp.take_along_axis(seg_BT, order, axis=1)
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-  ends = jnp.concatenate([ids[:, 1:] != ids[:, :-1], jnp.ones((b, 1), bool)], axis=1)
-  start_at = lax.cummax(jnp.where(starts, pos, 0), axis=1)
-  end_at = lax.cummin(jnp.where(ends, pos, t - 1), axis=1, reverse=True)
-  first = jnp.take_along_axis(order, start_at, axis=1)
-  last = jnp.take_along_axis(order, end_at, axis=1)
-  unsort = lambda x: jnp.zeros_like(x).at[jnp.arange(b)[:, None], order].set(x)
-  return unsort(first), unsort(last)
-
-
 def _mask(rows, cols, qseg, kseg, *, causal, kv_len, use_seg):
   mask = None
   if causal:
@@ -219,11 +201,6 @@ def _mask(rows, cols, qseg, kseg, *, causal, kv_len, use_seg):
     m = qseg[:, None] == kseg[None, :]
     mask = m if mask is None else mask & m
   return mask
-
-
-def _spans(seg, use_seg):
-  # Without segments the kernels never read these; pass the (already present) ids instead.
-  return segment_spans(seg) if use_seg else (seg, seg)
 
 
 def forward(q, k, v, seg, *, sm_scale, causal, kv_len, use_seg, block_q, block_k, num_warps,
@@ -248,7 +225,7 @@ def forward(q, k, v, seg, *, sm_scale, causal, kv_len, use_seg, block_q, block_k
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="mla_attention_fwd",
-  )(q, k, v, seg, seg, *_spans(seg, use_seg))
+  )(q, k, v, seg, seg, *segment_spans(seg, use_seg))
 
 
 def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, block_q, block_k,
@@ -257,7 +234,7 @@ def backward(q, k, v, seg, o, lse, do, *, sm_scale, causal, kv_len, use_seg, blo
   b, t, h, dqk = q.shape
   dv_dim = v.shape[-1]
   delta = jnp.einsum("bthv,bthv->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  spans = _spans(seg, use_seg)
+  spans = segment_spans(seg, use_seg)
   common = dict(scale2=sm_scale * LOG2E, sm_scale=sm_scale, causal=causal, kv_len=kv_len,
                 use_seg=use_seg, bq=block_q, bk=block_k, qk_chunks=pow2_chunks(dqk),
                 v_chunks=pow2_chunks(dv_dim))
