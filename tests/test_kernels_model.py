@@ -32,8 +32,12 @@ def _logits_and_grads(cfg, ids, seg, cot):
     logits = nnx.merge(graphdef, state)(ids, seg)
     return jnp.sum(logits * cot), logits
 
+  # One compiled program (interpreted kernels are large HLO: cheap LLVM passes halve the compile).
+  fn = jax.jit(jax.value_and_grad(loss, has_aux=True),
+               compiler_options={"xla_backend_optimization_level": 0,
+                                 "xla_llvm_disable_expensive_passes": True})
   with jax.default_matmul_precision("highest"):   # no TF32 in the reference on a GPU
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    (_, logits), grads = fn(state)
   return logits, jax.tree.leaves(grads)
 
 
