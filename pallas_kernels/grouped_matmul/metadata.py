@@ -92,6 +92,13 @@ def make_work_plan(group_sizes_G: jax.Array, m: int, tm: int, *, for_tgmm: bool)
   )
 
 
+def dtypes(lhs, other, out_dtype):
+  """(output dtype: out_dtype or lhs's; compute dtype: the operands' promoted type), the rule
+  every gmm / tgmm kernel follows."""
+  out = jnp.dtype(lhs.dtype if out_dtype is None else out_dtype)
+  return out, jnp.promote_types(lhs.dtype, other.dtype)
+
+
 class GmmSetup(NamedTuple):
   o_dim: int          # output columns: N, or K with transpose_rhs
   tc: int             # tile of the contracted dim
@@ -109,7 +116,6 @@ def gmm_setup(lhs_MC, rhs_G, group_sizes_G, *, tm, tk, tn, transpose_rhs, out_dt
     o_dim, tc, to = k_dim, tn, tk
   else:
     o_dim, tc, to = n_dim, tk, tn
-  out_dtype = jnp.dtype(lhs_MC.dtype if out_dtype is None else out_dtype)
-  compute_dtype = jnp.promote_types(lhs_MC.dtype, rhs_G.dtype)
+  out_dtype, compute_dtype = dtypes(lhs_MC, rhs_G, out_dtype)
   plan = make_work_plan(group_sizes_G, lhs_MC.shape[0], tm, for_tgmm=False)
   return GmmSetup(o_dim, tc, to, out_dtype, compute_dtype, plan)

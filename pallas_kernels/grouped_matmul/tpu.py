@@ -181,8 +181,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tm, tk, tn, out_dtype=None, interpre
   m, k_dim = lhs_MK.shape
   n_dim = dout_MN.shape[1]
   num_groups = group_sizes_G.shape[0]
-  out_dtype = jnp.dtype(lhs_MK.dtype if out_dtype is None else out_dtype)
-  compute_dtype = jnp.promote_types(lhs_MK.dtype, dout_MN.dtype)
+  out_dtype, compute_dtype = metadata.dtypes(lhs_MK, dout_MN, out_dtype)
   plan = metadata.make_work_plan(group_sizes_G, m, tm, for_tgmm=True)
   num_items = plan.group_ids_I.shape[0]
 

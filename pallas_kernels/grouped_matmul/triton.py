@@ -167,8 +167,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tm, tk, tn, out_dtype=None, interpre
   m, k_dim = lhs_MK.shape
   n_dim = dout_MN.shape[1]
   num_groups = group_sizes_G.shape[0]
-  out_dtype = jnp.dtype(lhs_MK.dtype if out_dtype is None else out_dtype)
-  compute_dtype = jnp.promote_types(lhs_MK.dtype, dout_MN.dtype)
+  out_dtype, compute_dtype = metadata.dtypes(lhs_MK, dout_MN, out_dtype)
   starts_G, ends_G = metadata.group_bounds(group_sizes_G, m)
   kernel = functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, k_dim=k_dim, n_dim=n_dim,
                              compute_dtype=compute_dtype)
