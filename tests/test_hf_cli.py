@@ -75,5 +75,53 @@ def test_errors_return_2_and_print_error(tmp_path, capsys):
   assert "max_shard_size" in capsys.readouterr().err
   assert not os.path.exists(out)
 
-  assert main(["export", "--preset", "tiny", "--out", str(existing), "--overwrite"]) == 0
-  assert sorted(os.listdir(existing)) == ["config.json", "model.safetensors"]
+  # --overwrite replaces an earlier export only: a directory holding a user's file is kept.
+  assert main(["export", "--preset", "tiny", "--out", str(existing), "--overwrite"]) == 2
+  assert "keep.txt" in capsys.readouterr().err
+  assert os.listdir(existing) == ["keep.txt"] and (existing / "keep.txt").read_text() == "keep"
+
+
+def _tree(d):
+  """Every file under d (relative path -> bytes) and every directory (-> None)."""
+  out = {}
+  for root, dirs, files in os.walk(d):
+    for n in dirs:
+      out[os.path.relpath(os.path.join(root, n), d) + "/"] = None
+    for n in files:
+      with open(os.path.join(root, n), "rb") as fh:
+        out[os.path.relpath(os.path.join(root, n), d)] = fh.read()
+  return out
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+  export = str(tmp_path / "export")
+  assert main(["export", "--preset", "tiny", "--seed", "1", "--out", export]) == 0
+  ck = str(tmp_path / "parent" / "ck")   # a native checkpoint, the source of an export below
+  assert main(["import", "--hf_dir", export, "--out", ck]) == 0
+  user = tmp_path / "user"
+  user.mkdir()
+  (user / "config.json").write_text("{}")
+  (user / "notes.md").write_text("mine")
+  nested = tmp_path / "nested"
+  (nested / "sub").mkdir(parents=True)
+  afile = tmp_path / "afile"
+  afile.write_text("a file, not a directory")
+  capsys.readouterr()
+  refused = {  # --out -> what the one-line error names
+      str(user): "notes.md", str(nested): "sub", str(afile): "not a directory",
+      ck: "source", str(tmp_path / "parent"): "source", os.path.join(ck, "params"): "source"}
+  for out, named in refused.items():
+    before = _tree(tmp_path)
+    assert main(["export", "--checkpoint", ck, "--out", out, "--overwrite"]) == 2, out
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err, (out, err)
+    assert _tree(tmp_path) == before, out   # nothing changed, nothing left behind
+  # An earlier export (with the files an export writes) and an empty directory are replaced.
+  for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    (tmp_path / "export" / name).write_text("{}")
+  (tmp_path / "empty").mkdir()
+  for out in (export, str(tmp_path / "empty")):
+    assert main(["export", "--preset", "tiny", "--seed", "0", "--out", out, "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    _assert_same_params(hf.load(out), init_model(get_config("tiny"), seed=0))
+  assert sorted(os.listdir(tmp_path)) == ["afile", "empty", "export", "nested", "parent", "user"]

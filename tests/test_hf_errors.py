@@ -324,3 +324,60 @@ def test_load_runtime_overrides(ck):
     hf.load(str(ck), param_dtype="bfloat16")
   with pytest.raises(ConfigError, match="^remat_policy:"):
     hf.load(str(ck), remat_policy="sometimes")
+
+
+def _small_tokenizer(path, vocab_size):
+  import sysconfig
+  from coder_jax.data.tokenizer import train_tokenizer
+  root = sysconfig.get_paths()["stdlib"]
+  names = sorted(n for n in os.listdir(root) if n.endswith(".py"))[:60]
+  train_tokenizer([open(os.path.join(root, n), encoding="utf-8").read() for n in names],
+                  vocab_size, str(path))
+  return str(path)
+
+
+def test_tokenizer_problems_are_refused_before_anything_is_written(model, tmp_path):
+  import tokenizers
+  big = _small_tokenizer(tmp_path / "big" / "tokenizer.json", 600)   # the model has 512 ids
+  plain = tokenizers.Tokenizer(tokenizers.models.BPE())               # no DeepSeek specials
+  plain.save(str(tmp_path / "plain.json"))
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ValueError, match="ids up to 599 but the model's vocab_size is 512"):
+    hf.save(model, str(tmp_path / "out"), tokenizer=big)
+  with pytest.raises(ValueError, match="lacks special token"):
+    hf.save(model, str(tmp_path / "out"), tokenizer=str(tmp_path / "plain.json"))
+  with pytest.raises(FileNotFoundError, match="nope.json"):
+    hf.save(model, str(tmp_path / "out"), tokenizer=str(tmp_path / "nope.json"))
+  assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_load_tokenizer_files_reports_broken_files(model, ck, tmp_path):
+  assert hf.load_tokenizer_files(str(ck)) is None   # config and weights only: no tokenizer
+  tok = _small_tokenizer(tmp_path / "tok.json", 512)
+  out = hf.save(model, str(tmp_path / "hf"), tokenizer=tok)
+  from coder_jax.data.tokenizer import load_tokenizer
+  files = hf.load_tokenizer_files(out)
+  assert files.path == os.path.join(out, "tokenizer.json")
+  assert files.tokenizer.get_vocab() == load_tokenizer(tok).get_vocab()
+  with open(os.path.join(out, "tokenizer_config.json"), "w") as fh:
+    fh.write("{broken")
+  with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: not valid JSON"):
+    hf.load_tokenizer_files(out)
+  with open(os.path.join(out, "tokenizer.json"), "w") as fh:
+    fh.write("[]")
+  with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a tokenizer\.json"):
+    hf.load_tokenizer_files(out)
+
+
+def test_save_never_replaces_a_training_directory_or_a_source(model, tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoints" / "3").mkdir(parents=True)
+  (run / "metrics.jsonl").write_text('{"step": 3}\n')
+  with pytest.raises(ValueError, match="training directory.*checkpoints, metrics.jsonl"):
+    hf.save(model, str(run), overwrite=True)
+  earlier = hf.save(model, str(tmp_path / "earlier"))
+  with pytest.raises(ValueError, match="source"):
+    hf.save(model, earlier, overwrite=True, sources=[os.path.join(earlier, "model.safetensors")])
+  assert sorted(os.listdir(tmp_path)) == ["earlier", "run"]
+  assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl"]
+  assert os.listdir(run / "checkpoints") == ["3"]

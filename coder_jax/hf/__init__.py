@@ -3,11 +3,14 @@
     from coder_jax import hf
     model = hf.load("path/to/hf_dir", dtype=jnp.float32)
     logits = model(input_ids)
-    hf.save(model, "out_dir")   # loadable by transformers.DeepseekV2ForCausalLM.from_pretrained
+    hf.save(model, "out_dir", tokenizer="tokenizer.json")   # transformers' from_pretrained,
+                                                             # AutoTokenizer and pipeline load it
+    files = hf.load_tokenizer_files("path/to/hf_dir")  # its tokenizer.json, template, BOS/EOS ids
 
 `load` builds each parameter with `jax.make_array_from_callback`, reading from memory-mapped
 safetensors only the slice each device holds; `save` writes shard files one tensor at a time
-into a directory beside the target and renames it into place only when everything is written.
+into a directory beside the target and renames it into place only when everything is written;
+it replaces only an earlier export (target.py), never a directory holding anything else.
 """
 
 from __future__ import annotations
@@ -24,20 +27,20 @@ import numpy as np
 from flax import nnx
 
 from coder_jax.hf.config import config_from_hf, config_to_hf
+from coder_jax.hf.errors import CheckpointError
 from coder_jax.hf.names import IGNORED_SUFFIXES, TensorSpec, tensor_specs
 from coder_jax.hf.safetensors_io import SafetensorsError, SafetensorsFile, write_file
+from coder_jax.hf.target import check_target
+from coder_jax.hf.tokenizer_files import TokenizerFiles, export_files, load_tokenizer_files
 from coder_jax.model.config import ConfigError, ModelConfig
 from coder_jax.model.decoder import DeepseekV2
 from coder_jax.parallel.rules import named_sharding
 
-__all__ = ["CheckpointError", "load", "save", "load_config", "read_config_json"]
+__all__ = ["CheckpointError", "TokenizerFiles", "check_target", "load", "load_config",
+           "load_tokenizer_files", "read_config_json", "save"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not match its config (names the tensor or field)."""
 
 
 def read_config_json(path: str) -> dict:
@@ -198,18 +201,27 @@ def _plan_shards(entries, max_bytes):
 
 
 def save(model: DeepseekV2, out_dir: str, *, dtype=None, max_shard_size="5GB",
-         overwrite: bool = False) -> str:
+         overwrite: bool = False, tokenizer: str | None = None, sources=()) -> str:
   """Write `model` as a Hub checkpoint (config.json + safetensors shards) at out_dir.
 
   dtype: dtype of the saved weights (default: the model's param dtype; the router is saved in
-  float32, as transformers keeps it). Nothing appears at out_dir unless the whole save succeeds.
+  float32, as transformers keeps it). tokenizer: the model's tokenizer.json (or a directory
+  holding one), written with tokenizer_config.json and generation_config.json; its BOS/EOS ids
+  go into config.json. overwrite: replace an earlier HF export only; a directory holding
+  anything else, or one of `sources` (the paths the model came from), is refused. Nothing
+  appears at out_dir unless the whole save succeeds.
   """
   cfg = model.cfg
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir}: exists (pass overwrite=True to replace it)")
+  check_target(out_dir, overwrite=overwrite, sources=sources)
   save_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
   config = config_to_hf(cfg, save_dtype.name)
+  extra = {}
+  if tokenizer is not None:
+    extra, ids = export_files(tokenizer, vocab_size=cfg.vocab_size,
+                              model_max_length=cfg.max_position_embeddings)
+    # The tokenizer put these ids in the training data, so they are the model's.
+    config.update(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
   flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
   specs = tensor_specs(cfg)
   by_name = {s.name: s for s in specs}
@@ -248,6 +260,9 @@ def save(model: DeepseekV2, out_dir: str, *, dtype=None, max_shard_size="5GB",
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as fh:
       json.dump(config, fh, indent=2)
+    for name, text in extra.items():
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+        fh.write(text)
     os.chmod(tmp, 0o755)
     if os.path.exists(out_dir):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
