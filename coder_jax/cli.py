@@ -14,6 +14,13 @@ def exit_status(main: Callable, argv=None) -> int:
   try:
     main(argv)
   except USER_ERRORS as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def one_line(e: BaseException) -> str:
+  """The message without gin's `In call to configurable ...` notes, on one line."""
+  lines = [l.strip() for l in str(e).splitlines()
+           if l.strip() and not l.strip().startswith("In call to configurable")]
+  return "; ".join(lines)

@@ -14,8 +14,6 @@ import argparse
 import os
 import sys
 
-import gin
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,10 +40,8 @@ def main(argv=None):
   initialize_from_env()
   from coder_jax.stages import launch, register_all
   register_all()
-  for p in args.gin_search_paths.split(","):
-    if p:
-      gin.add_config_file_search_path(p)
-  gin.parse_config_files_and_bindings(args.gin_file, bindings)
+  from coder_jax.gin_flags import parse
+  parse(args.gin_file, bindings, args.gin_search_paths.split(","))
   return launch(dry_run=args.dry_run)
 
 

@@ -6,6 +6,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Many tests (and their subprocesses, which inherit this) compile the same tiny programs again:
+# jax's persistent compilation cache turns a 20-70 s recompile into a few seconds.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(__import__("tempfile").gettempdir(), "coder_jax_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 import pytest  # noqa: E402  (after the environment above)

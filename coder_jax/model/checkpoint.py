@@ -41,6 +41,7 @@ def save_model(model: DeepseekV2, directory: str) -> str:
 
 def load_model(directory: str, **runtime) -> DeepseekV2:
   """runtime: ModelConfig fields to change on load (dtype, attention_impl, remat_policy, ...)."""
+  directory = os.path.abspath(directory)   # Orbax takes absolute paths only
   cfg_path = os.path.join(directory, CONFIG_NAME)
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: missing; is {directory} a coder_jax model checkpoint?")

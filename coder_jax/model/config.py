@@ -244,6 +244,21 @@ def get_config(preset: str = "tiny", **overrides) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+# Fields that choose how the same function is computed, or only how fresh weights are drawn: a
+# run may resume with other values. Any other difference changes what is trained.
+NON_COMPUTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                          "moe_impl", "initializer_range", "bos_token_id", "eos_token_id",
+                          "aux_loss_alpha", "seq_aux")
+
+
+def computation_diff(stored: ModelConfig, current: ModelConfig) -> list[str]:
+  """`field: stored -> current` for each field that changes the computation."""
+  return [f"{f.name}: {getattr(stored, f.name)!r} -> {getattr(current, f.name)!r}"
+          for f in dataclasses.fields(ModelConfig)
+          if f.name not in NON_COMPUTATION_FIELDS
+          and getattr(stored, f.name) != getattr(current, f.name)]
+
+
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
   return dataclasses.asdict(cfg)
 

@@ -7,6 +7,7 @@ TensorBoard events under MODEL_DIR.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -22,7 +23,7 @@ from coder_jax.model.info import param_counts
 from coder_jax.parallel.mesh import MeshConfig, abstract_mesh, check_fit, make_mesh
 from coder_jax.parallel.rules import logical_to_spec
 from coder_jax.train import state as train_state
-from coder_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from coder_jax.train.checkpoint import Checkpointer, PreemptionGuard, record_tokenizer
 from coder_jax.train.data import SyntheticData
 from coder_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from coder_jax.train.losses import BalanceLossConfig
@@ -144,14 +145,47 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   nproc = jax.process_count()
   if batch_size % nproc:
     raise ValueError(f"batch_size={batch_size} is not divisible by the {nproc} hosts")
+  check_model_dir(model_dir)
   ckpt = Checkpointer(model_dir, every=checkpoint_every, keep=keep_checkpoints,
                       async_save=async_checkpoints)
+  try:
+    return _train(ckpt, cfg, optimizer, schedule, mesh, model_dir=model_dir,
+                  train_steps=train_steps, batch_size=batch_size, seq_len=seq_len, data=data,
+                  alphas=alphas, grad_accum_steps=grad_accum_steps, seed=seed,
+                  init_from_hf=init_from_hf, checkpoint_every=checkpoint_every,
+                  log_every=log_every, max_consecutive_nonfinite=max_consecutive_nonfinite,
+                  nan_injection_steps=nan_injection_steps,
+                  peak_tflops_per_device=peak_tflops_per_device, stop_after=stop_after)
+  finally:
+    ckpt.close()   # also on errors: an open async manager buries them in shutdown noise
+
+
+def check_model_dir(model_dir: str):
+  """MODEL_DIR must be a directory this process can write (root ignores permission bits, so
+  this writes a probe file rather than asking os.access)."""
+  import tempfile
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ValueError(f"MODEL_DIR: {model_dir} exists and is not a directory")
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=model_dir):
+      pass
+  except OSError as e:
+    raise ValueError(f"MODEL_DIR: cannot write to {model_dir} ({e.strerror})") from None
+
+
+def _train(ckpt, cfg, optimizer, schedule, mesh, *, model_dir, train_steps, batch_size, seq_len,
+           data, alphas, grad_accum_steps, seed, init_from_hf, checkpoint_every, log_every,
+           max_consecutive_nonfinite, nan_injection_steps, peak_tflops_per_device, stop_after):
+  primary = jax.process_index() == 0
+  nproc = jax.process_count()
   graphdef, abstract, specs = train_state.state_specs(cfg, optimizer, mesh)
   shardings = train_state.to_shardings(specs, mesh)
-  latest = ckpt.latest_step()
   with jax.set_mesh(mesh):
-    if latest is not None:
-      state, data_pos = ckpt.restore(latest, abstract, shardings)
+    restored = ckpt.restore_latest(abstract, shardings, cfg)
+    latest = None if restored is None else restored[0]
+    if restored is not None:
+      _, state, data_pos = restored
       start_batch = int(data_pos["batches"])
       print(f"restored step {latest} from {ckpt.directory}", flush=True)
     else:
@@ -167,6 +201,10 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   start = int(jax.device_get(state["step"]))
   stream = data.open(model_vocab=cfg.vocab_size, batch_rows=batch_size // nproc, seq_len=seq_len,
                      shard=jax.process_index(), num_shards=nproc, start_batch=start_batch)
+  tok_path = getattr(stream, "tokenizer_path", None)
+  data_record = {}
+  if tok_path:
+    data_record["tokenizer"] = record_tokenizer(model_dir, tok_path, resumed=latest is not None)
   batch_spec = logical_to_spec(("batch", "activation_length"), (batch_size, seq_len), mesh)
   batch_sharding = NamedSharding(mesh, batch_spec)
   step_fn = jax.jit(make_train_step(graphdef, cfg, optimizer, schedule, alphas=alphas,
@@ -175,7 +213,7 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   flops_per_token = train_flops_per_token(cfg, seq_len)
   peak = peak_tflops_per_device * 1e12 if peak_tflops_per_device else peak_flops_per_device()
-  log = MetricsLog(model_dir, enabled=primary)
+  log = MetricsLog(model_dir, enabled=primary, resume_step=start)
   progress = None  # made after the first step, so compile time does not skew the ETA
   poison = set(int(s) for s in nan_injection_steps)
   consecutive, losses, step = 0, {}, start
@@ -222,7 +260,8 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         # Periodic saves wait out a non-finite streak so rotation keeps the last good one; a
         # forced save is safe within it (skipped updates left parameters and optimizer alone).
         if forced or (consecutive == 0 and step % checkpoint_every == 0):
-          if ckpt.save(step, state, {"batches": stream.state()["batches"]}, cfg, force=forced):
+          if ckpt.save(step, state, {"batches": stream.state()["batches"], **data_record}, cfg,
+                       force=forced):
             last_saved = step
         if stop:
           reason = "preempted"
@@ -237,7 +276,8 @@ def pretrain(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     ckpt.close()
     guard.__exit__(None, None, None)
   if reason == "preempted":
-    print(f"SIGTERM: saved checkpoint at step {last_saved} in {ckpt.directory}", flush=True)
+    print(f"{guard.signal_name or 'SIGTERM'}: saved checkpoint at step {last_saved} in "
+          f"{ckpt.directory}", flush=True)
   if reason == "nonfinite":
     raise NonFiniteLossError(
         f"stopping at step {step}: {consecutive} consecutive steps with a non-finite loss or "

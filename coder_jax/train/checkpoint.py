@@ -11,14 +11,76 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import jax
 import orbax.checkpoint as ocp
 
-from coder_jax.model.config import config_from_dict, config_to_dict
+from coder_jax.model.config import (ConfigError, computation_diff, config_from_dict,
+                                     config_to_dict)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+TOKENIZER_NAME = "tokenizer.json"   # the run's tokenizer, copied into MODEL_DIR
+
+
+ITEMS = ("state", "data", "model_config")
+DAMAGED_SUBDIR = "checkpoints_damaged"
+
+
+class CheckpointDamagedError(ValueError):
+  """No checkpoint of a run restores (or the step asked for does not)."""
+
+
+def _reason(e: BaseException) -> str:
+  """The innermost cause's message, on one line: Orbax and tensorstore wrap the real error."""
+  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _stored_config(manager, step: int, **runtime):
+  d = manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+  return config_from_dict(dict(d["model_config"]), **runtime)
+
+
+def _newest_that_restores(manager, directory: str, step: int | None, restore, log):
+  """(step, restore(step)) for `step`, or for the newest step that restores, skipping (and
+  naming) damaged ones. `restore` raises ConfigError for a checkpoint that is intact but does
+  not belong to this run; that is never a reason to fall back."""
+  if step is not None:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps: "
+                              f"{sorted(manager.all_steps()) or 'none'})")
+    try:
+      return step, restore(step)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- any failure to read the files means damage
+      raise CheckpointDamagedError(f"{directory}: checkpoint step {step} is damaged "
+                                   f"({_reason(e)})") from None
+  damaged = []
+  for s in sorted(manager.all_steps(), reverse=True):
+    try:
+      out = restore(s)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      damaged.append(s)
+      log(f"checkpoint step {s} in {directory} is damaged ({_reason(e)}); skipped, trying an "
+          "earlier step")
+      continue
+    return s, out
+  if damaged:
+    raise CheckpointDamagedError(
+        f"{directory}: no checkpoint restores (damaged steps: {', '.join(map(str, damaged))}); "
+        "move them away to start afresh")
+  return None, None
+
+
+def _stderr(msg: str):
+  print(msg, file=sys.stderr, flush=True)
 
 
 class Checkpointer:
@@ -28,8 +90,7 @@ class Checkpointer:
     opts = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
                                         enable_async_checkpointing=async_save, create=True,
                                         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=opts,
-                                         item_names=("state", "data", "model_config"))
+    self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -47,66 +108,163 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
+  def restore_latest(self, abstract_state, shardings, model_cfg, log=_stderr):
+    """(step, state, data position) of the newest checkpoint that restores, or None when there
+    is none. Damaged newer steps are named and moved to MODEL_DIR/checkpoints_damaged/ (kept,
+    never deleted) so that this run can save those step numbers again. A checkpoint of another
+    model (a field that changes the computation differs) is an error naming the fields."""
+
+    def restore(step):
+      diff = computation_diff(_stored_config(self.manager, step), model_cfg)
+      if diff:
+        raise ConfigError(f"{self.directory}: checkpoint step {step} was trained with another "
+                          f"model config ({'; '.join(diff)}); a resumed run must keep them (use a "
+                          "new MODEL_DIR, or init_from_checkpoint to start a new stage from it)")
+      return self.restore(step, abstract_state, shardings)
+
+    newer = set(self.manager.all_steps())
+    step, out = _newest_that_restores(self.manager, self.directory, None, restore, log)
+    damaged = sorted(s for s in newer if step is not None and s > step)
+    if damaged:
+      self._move_aside(damaged, log)
+    return None if step is None else (step, *out)
+
+  def _move_aside(self, steps, log):
+    target = os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for s in steps:
+        dest = os.path.join(target, str(s))
+        n = 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(target, f"{s}.{n}"), n + 1
+        os.rename(os.path.join(self.directory, str(s)), dest)
+        log(f"moved damaged checkpoint step {s} to {dest}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("coder_jax: damaged checkpoints moved")
+    self.manager.reload()
+
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if self.manager is not None:
+      manager, self.manager = self.manager, None
+      manager.wait_until_finished()
+      manager.close()
 
 
 def _read_only_manager(model_dir: str):
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR),
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("state", "data", "model_config"))
+  directory = os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{model_dir}: no training checkpoint under {CHECKPOINT_SUBDIR}/")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=ITEMS), directory
 
 
 def read_model_config(model_dir: str, step: int | None = None, **runtime):
-  """The ModelConfig stored with a training checkpoint (latest step by default)."""
-  mgr = _read_only_manager(model_dir)
-  step = mgr.latest_step() if step is None else step
+  """(ModelConfig stored with a training checkpoint, its step): the latest that reads unless
+  `step`."""
+  mgr, directory = _read_only_manager(model_dir)
+  try:
+    step, cfg = _newest_that_restores(mgr, directory, step,
+                                      lambda s: _stored_config(mgr, s, **runtime), _stderr)
+  finally:
+    mgr.close()
   if step is None:
     raise FileNotFoundError(f"{model_dir}: no training checkpoint under {CHECKPOINT_SUBDIR}/")
-  d = mgr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
-  mgr.close()
-  return config_from_dict(dict(d), **runtime), step
+  return cfg, step
 
 
 def load_params(model_dir: str, step: int | None = None, *, mesh=None, **runtime):
-  """(model with the checkpoint's parameters, step): for export and evaluation."""
+  """(model with the checkpoint's parameters, step): for export and evaluation. Without `step`,
+  the newest checkpoint that restores (damaged newer ones are named and skipped)."""
   from flax import nnx
   from coder_jax.parallel.mesh import MeshConfig, make_mesh
   from coder_jax.train.state import abstract_model, abstract_params, param_specs, to_shardings
-  cfg, step = read_model_config(model_dir, step, **runtime)
   mesh = mesh or make_mesh(MeshConfig(), jax.devices()[:1])
-  graphdef, abstract_state = abstract_model(cfg)
-  params_abs = abstract_params(abstract_state)
-  shard = to_shardings(param_specs(abstract_state, mesh), mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        params_abs, shard)
-  mgr = _read_only_manager(model_dir)
-  # Restore only the parameters: a partial target skips the optimizer state.
-  restored = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore({"params": target}, restore_args=jax.tree.map(
-          lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), {"params": target}),
-          partial_restore=True)))["state"]
-  mgr.close()
-  return nnx.merge(graphdef, restored["params"]), step
+  mgr, directory = _read_only_manager(model_dir)
+
+  def restore(s):
+    cfg = _stored_config(mgr, s, **runtime)
+    graphdef, abstract_state = abstract_model(cfg)
+    params_abs = abstract_params(abstract_state)
+    shard = to_shardings(param_specs(abstract_state, mesh), mesh)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          params_abs, shard)
+    # Restore only the parameters: a partial target skips the optimizer state.
+    restored = mgr.restore(s, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore({"params": target}, restore_args=jax.tree.map(
+            lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), {"params": target}),
+            partial_restore=True)))["state"]
+    return nnx.merge(graphdef, restored["params"])
+
+  try:
+    step, model = _newest_that_restores(mgr, directory, step, restore, _stderr)
+  finally:
+    mgr.close()
+  if step is None:
+    raise FileNotFoundError(f"{model_dir}: no training checkpoint under {CHECKPOINT_SUBDIR}/")
+  return model, step
+
+
+def file_sha256(path: str) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def record_tokenizer(model_dir: str, path: str, *, resumed: bool) -> dict:
+  """Copies the run's tokenizer to MODEL_DIR/tokenizer.json (where decode, eval and HF export
+  find it) and returns {"path", "sha256"} for the checkpoints. A resumed run must keep the
+  tokenizer it was trained with."""
+  import shutil
+  digest = file_sha256(path)
+  dest = os.path.join(model_dir, TOKENIZER_NAME)
+  if os.path.exists(dest) and os.path.abspath(dest) != os.path.abspath(path):
+    if resumed and file_sha256(dest) != digest:
+      raise ValueError(f"tokenizer: {model_dir} was trained with {dest}, but the data now uses "
+                       f"{path}, a different tokenizer; resume with the same DATA_DIR/tokenizer "
+                       "or use a new MODEL_DIR")
+  if jax.process_index() == 0 and os.path.abspath(dest) != os.path.abspath(path):
+    tmp = dest + ".tmp"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dest)
+  return {"path": os.path.abspath(path), "sha256": digest}
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (preemption notice) into a flag the training loop checks after each step;
-  across hosts any host's flag counts."""
+  """Turns SIGTERM (preemption notice) and a first Ctrl-C (SIGINT) into a flag the training loop
+  checks after each step, so both save a checkpoint and exit; a second Ctrl-C interrupts at once.
+  Across hosts any host's flag counts."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._flag = threading.Event()
-    self._previous = None
+    self.signal_name = None
+    self._previous = {}
+
+  def _handle(self, signum, _frame):
+    if signum == signal.SIGINT and self._flag.is_set():
+      raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again to abort "
+            "without saving)", file=sys.stderr, flush=True)
+    self.signal_name = signal.Signals(signum).name
+    self._flag.set()
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def requested(self) -> bool:
     local = self._flag.is_set()

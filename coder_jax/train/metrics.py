@@ -131,9 +131,14 @@ def _summary(values: Mapping[str, float]) -> bytes:
   return b"".join(_field_bytes(1, _summary_value(tag, v)) for tag, v in values.items())
 
 
+SESSION_START = 1  # SessionLog.SessionStatus.START
+
+
 def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-  """Event {wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5}."""
+                 scalars: Mapping[str, float] | None = None,
+                 session_status: int | None = None) -> bytes:
+  """Event {wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5,
+  session_log = 6 (SessionLog {status = 1})}."""
   out = _field_double(1, wall_time)
   if step:
     out += _field_varint(2, step)  # proto3: a zero step is the default and is left out
@@ -141,6 +146,8 @@ def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = 
     out += _field_bytes(3, file_version.encode("utf-8"))
   if scalars is not None:
     out += _field_bytes(5, _summary(scalars))
+  if session_status is not None:
+    out += _field_bytes(6, _field_varint(1, session_status))
   return out
 
 
@@ -196,6 +203,11 @@ class EventWriter:
       return
     converted = {str(tag): float(value) for tag, value in values.items()}
     self._write_event(encode_event(time.time(), int(step), scalars=converted))
+
+  def session_start(self, step: int) -> None:
+    """A restart at `step`: TensorBoard then drops the events at `step` and later written before
+    it (the steps a killed run logged past its last checkpoint)."""
+    self._write_event(encode_event(time.time(), int(step), session_status=SESSION_START))
 
   def flush(self) -> None:
     if self._file is not None:
@@ -269,13 +281,16 @@ class MetricsLog:
   the JSON line only), strings, bools or None (JSON only). NaN / +-Inf are written as the
   strings "nan" / "inf" / "-inf" in JSON and as floats in TensorBoard. Each line is flushed, so
   a killed process loses at most the line being written; reopening appends (a resumed run
-  continues the file). With enabled=False (non-primary hosts) nothing is created or written.
+  continues the file). `resume_step`: the step a run restarts from; the rows a killed run wrote
+  past it are removed from metrics.jsonl (and TensorBoard is told to drop them) so the steps it
+  replays appear once. With enabled=False (non-primary hosts) nothing is created or written.
   """
 
   FILENAME = "metrics.jsonl"
   TB_SUBDIR = "tensorboard"
 
-  def __init__(self, model_dir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, model_dir: str | os.PathLike, *, enabled: bool = True,
+               resume_step: int | None = None):
     self.model_dir = os.fspath(model_dir)
     self.enabled = bool(enabled)
     self.path = os.path.join(self.model_dir, self.FILENAME)
@@ -284,6 +299,8 @@ class MetricsLog:
     if not self.enabled:
       return
     os.makedirs(self.model_dir, exist_ok=True)
+    if resume_step is not None and os.path.exists(self.path):
+      self._drop_rows_after(resume_step)
     # A line cut short by a kill would swallow the next one: start on a fresh line.
     needs_newline = False
     if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
@@ -295,6 +312,27 @@ class MetricsLog:
       self._file.write("\n")
       self._file.flush()
     self._events = EventWriter(os.path.join(self.model_dir, self.TB_SUBDIR))
+    if resume_step is not None:
+      self._events.session_start(resume_step + 1)
+      self._events.flush()
+
+  def _drop_rows_after(self, step: int) -> None:
+    """Rewrites metrics.jsonl without rows past `step` (and torn lines), atomically."""
+    with open(self.path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+      try:
+        if int(json.loads(line)["step"]) <= step:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):
+        continue
+    if len(keep) == len(lines):
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, self.path)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
