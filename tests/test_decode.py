@@ -241,3 +241,36 @@ def test_command_line(tokenizer, tmp_path, capsys):
   assert "give at least one --prompt or --prompt_file" in capsys.readouterr().err
   assert run(cmd[3:5] + ["--prompt_file", str(tmp_path / "none.txt")]) == 2
   assert "none.txt: no such prompt file" in capsys.readouterr().err
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tokenizer, tmp_path):
+  """The checkpoint's own tokenizer is the default; another vocabulary, or one larger than the
+  model's, is one clear error (the first unless --allow_tokenizer_mismatch)."""
+  import shutil
+  from coder_jax import hf
+  from coder_jax.data.tokenizer import train_tokenizer
+  from coder_jax.decode import load
+  from coder_jax.decode.__main__ import run
+  _, tok_path = tokenizer
+  model = init_model(get_config("tiny", dtype="float32", vocab_size=300), seed=0)
+  ck = tmp_path / "ck"
+  hf.save(model, str(ck))
+  shutil.copyfile(tok_path, ck / "tokenizer.json")
+  other = tmp_path / "other.json"
+  train_tokenizer(["x = [i * i for i in range(10)]\nprint(x)\n"] * 30, 280, str(other))
+  big = tmp_path / "big.json"
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 6)) for _ in range(300)]
+  assert train_tokenizer([" ".join(words)] * 5, 600, str(big)).get_vocab_size() > 300
+  assert load(str(ck))[1].get_vocab() == load(str(ck), tokenizer=str(tok_path))[1].get_vocab()
+  with pytest.raises(ValueError, match=r"other.json is not the tokenizer this model was trained "
+                                       r"with .*--allow_tokenizer_mismatch"):
+    load(str(ck), tokenizer=str(other))
+  _, tok = load(str(ck), tokenizer=str(other), allow_tokenizer_mismatch=True)
+  assert tok.get_vocab_size() <= 300
+  with pytest.raises(ValueError, match=r"big.json has \d+ tokens but the model's vocab_size is "
+                                       r"300"):
+    load(str(ck), tokenizer=str(big), allow_tokenizer_mismatch=True)
+  assert run(["--checkpoint", str(ck), "--tokenizer", str(other), "--prompt", "x"]) == 2
+  assert run(["--checkpoint", str(ck), "--tokenizer", str(tmp_path / "no.json"),
+              "--prompt", "x"]) == 2

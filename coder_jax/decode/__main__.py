@@ -27,6 +27,8 @@ def main(argv=None) -> None:
   ap.add_argument("--checkpoint", required=True, help="Hugging Face dir or training MODEL_DIR")
   ap.add_argument("--step", type=int, default=None, help="training checkpoint step (default latest)")
   ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+  ap.add_argument("--allow_tokenizer_mismatch", action="store_true",
+                  help="use --tokenizer even though it differs from the checkpoint's own")
   ap.add_argument("--prompt", action="append", default=[])
   ap.add_argument("--prompt_file", default=None, help="a file whose whole text is one prompt")
   ap.add_argument("--max_new_tokens", type=int, default=128)
@@ -47,7 +49,8 @@ def main(argv=None) -> None:
       prompts.append(f.read())
   if not prompts:
     raise ValueError("give at least one --prompt or --prompt_file")
-  model, tok = load(args.checkpoint, step=args.step, tokenizer=args.tokenizer)
+  model, tok = load(args.checkpoint, step=args.step, tokenizer=args.tokenizer,
+                    allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
   if tok is None:
     raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer")
   outs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,

@@ -66,21 +66,43 @@ def generate(model, tokenizer, prompts: str | Sequence[str], *, max_new_tokens: 
 
 
 def load(checkpoint: str, *, step: int | None = None, tokenizer: str | None = None,
-         dtype=jnp.float32, **runtime):
+         dtype=jnp.float32, allow_tokenizer_mismatch: bool = False, **runtime):
   """(model, tokenizer or None) from a Hugging Face directory (config.json + safetensors) or a
-  training MODEL_DIR (Orbax; latest step unless `step`). The tokenizer is `tokenizer` if given,
-  else the checkpoint directory's tokenizer.json if present."""
+  training MODEL_DIR (Orbax; latest step unless `step`). The tokenizer is the checkpoint's own
+  tokenizer.json (training and HF export write it there) unless `tokenizer` is given; a given
+  tokenizer whose vocabulary differs from the checkpoint's own, or that has more tokens than
+  the model's vocabulary, is refused unless allow_tokenizer_mismatch."""
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
+  if tokenizer is not None and not os.path.isfile(tokenizer):
+    raise FileNotFoundError(f"--tokenizer: {tokenizer}: no such file")
   if os.path.exists(os.path.join(checkpoint, "config.json")):
     from coder_jax import hf
     model = hf.load(checkpoint, dtype, **runtime)
   else:
     from coder_jax.train.checkpoint import load_params
     model, _ = load_params(checkpoint, step, **runtime)
-  path = tokenizer or os.path.join(checkpoint, "tokenizer.json")
-  tok = None
-  if tokenizer or os.path.exists(path):
-    from coder_jax.data.tokenizer import load_tokenizer
-    tok = load_tokenizer(path)
+  own = os.path.join(checkpoint, "tokenizer.json")
+  path = tokenizer or own
+  if not os.path.exists(path):
+    return model, None
+  from coder_jax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(path)
+  compare = tokenizer and os.path.exists(own) and not allow_tokenizer_mismatch
+  check_tokenizer(tok, path, model.cfg.vocab_size, load_tokenizer(own) if compare else None, own)
   return model, tok
+
+
+def check_tokenizer(tok, path: str, model_vocab: int, own=None, own_path: str = ""):
+  """A tokenizer that does not belong to the model produces garbage without a word: refuse
+  one larger than the model's vocabulary, or one whose vocabulary differs from `own` (the
+  checkpoint's own tokenizer, when given)."""
+  n = tok.get_vocab_size(with_added_tokens=True)
+  if n > model_vocab:
+    raise ValueError(f"tokenizer: {path} has {n} tokens but the model's vocab_size is "
+                     f"{model_vocab}; it is not this model's tokenizer")
+  if own is not None and own.get_vocab(with_added_tokens=True) != tok.get_vocab(
+      with_added_tokens=True):
+    raise ValueError(f"tokenizer: {path} is not the tokenizer this model was trained with "
+                     f"({own_path}); omit it to use that one, or pass "
+                     "--allow_tokenizer_mismatch if you mean it")
