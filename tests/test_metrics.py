@@ -192,6 +192,33 @@ def test_metrics_log_appends_on_reopen(tmp_path):
   assert len(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))) == 2
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  """A run killed at step 5 after a checkpoint at 3 restarts with resume_step=3: the rows of
+  steps 4-5 (and a torn line) leave metrics.jsonl, and the new event file starts with a
+  SessionLog START at step 4, which makes TensorBoard drop the old events from step 4 on."""
+  tf = pytest.importorskip("tensorflow")
+  with MetricsLog(tmp_path) as log:
+    for step in range(1, 6):
+      log.write(step, {"loss": float(step)})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')
+  with MetricsLog(tmp_path, resume_step=3) as log:
+    for step in (4, 5):
+      log.write(step, {"loss": 10.0 + step})
+  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert [r["loss"] for r in rows] == [1.0, 2.0, 3.0, 14.0, 15.0]
+  newest = max(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
+  events = list(tf.compat.v1.train.summary_iterator(newest))
+  start = events[1]
+  assert start.step == 4 and start.session_log.status == tf.compat.v1.SessionLog.START
+  assert [e.step for e in events[2:]] == [4, 5]
+  # Without resume_step (a user appending by hand) nothing is removed.
+  with MetricsLog(tmp_path) as log:
+    log.write(6, {"loss": 1.0})
+  assert [r["step"] for r in _read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_metrics_log_rejects_step_key_and_closed(tmp_path):
   log = MetricsLog(tmp_path)
   with pytest.raises(ValueError):

@@ -84,17 +84,18 @@ def test_resume_after_kill9_is_bit_exact(tmp_path, data_dir):
   assert os.listdir(straight / "tensorboard")
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, sig):
   model_dir = tmp_path / "run"
   cmd = _cmd(model_dir, "--gin.DATA_DIR='unused'", "--gin.TRAIN_STEPS=100000",
              "--gin.pretrain.checkpoint_every=100000", "--gin.pretrain.data=@SyntheticData()")
   proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   _wait_for_step(str(model_dir), 3, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  step = int(out.split("SIGTERM: saved checkpoint at step ")[1].split()[0])
+  step = int(out.split(f"{sig.name}: saved checkpoint at step ")[1].split()[0])
   assert step >= 3
   assert os.path.isdir(model_dir / "checkpoints" / str(step) / "state")
   cmd[cmd.index("--gin.TRAIN_STEPS=100000")] = f"--gin.TRAIN_STEPS={step + 2}"

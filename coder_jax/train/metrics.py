@@ -138,7 +138,7 @@ def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = 
                  scalars: Mapping[str, float] | None = None,
                  session_status: int | None = None) -> bytes:
   """Event {wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5,
-  session_log = 6 (SessionLog {status = 1})}."""
+  session_log = 7 (SessionLog {status = 1})}."""
   out = _field_double(1, wall_time)
   if step:
     out += _field_varint(2, step)  # proto3: a zero step is the default and is left out
@@ -147,7 +147,7 @@ def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = 
   if scalars is not None:
     out += _field_bytes(5, _summary(scalars))
   if session_status is not None:
-    out += _field_bytes(6, _field_varint(1, session_status))
+    out += _field_bytes(7, _field_varint(1, session_status))
   return out
 
 
