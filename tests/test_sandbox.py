@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -250,6 +251,86 @@ def test_no_file_appears_outside():
   assert r.stdout == "[]\n", r.stdout
 
 
+def _inside(path, dirs):
+  return any(path == d or path.startswith(d + "/") for d in dirs)
+
+
+def _view():
+  """(bound paths, {directory: its entries}) as the README says a sandboxed program sees them:
+  the system dirs, a few /etc files and the interpreter's install tree (sys.base_prefix), bound
+  read-only, plus /dev, /proc and /tmp; a directory above a bound path holds that path's next
+  component only. Built from the spec, not from runner._ro_paths, which it is checked against."""
+  system = [p for p in runner._SYSTEM_RO + tuple(f"/etc/{n}" for n in runner._ETC)
+            if os.path.lexists(p)]
+  ro = list(system)
+  for p in (os.path.realpath(sys.base_prefix), os.path.dirname(CAPS["python"])):
+    if not _inside(p, ro):
+      ro.append(p)
+  view = {"/": {"dev", "proc", "tmp"} | {p.split("/")[1] for p in ro},
+          "/dev": {"fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom",
+                   "zero"}}
+  for path in ro:
+    parts = path.strip("/").split("/")
+    for n in range(1, len(parts)):
+      above = "/" + "/".join(parts[:n])
+      if not _inside(above, ro):
+        view.setdefault(above, set()).add(parts[n])
+  return ro, view
+
+
+@NEEDS_NS
+def test_what_a_sandboxed_program_sees():
+  if tempfile.gettempdir() != "/tmp":
+    pytest.skip(f"the work dir lives under {tempfile.gettempdir()}, not /tmp: view not modelled")
+  ro, view = _view()
+  assert runner._ro_paths(CAPS["python"]) == ro  # nothing more is bound than the spec says
+  view["/tmp"] = set()  # holds the run's work dir, added below
+  assert "/etc" in view and "passwd" in view["/etc"] and "/etc" not in ro
+  # A file beside each host directory above the interpreter's install tree (with pyenv: in
+  # $HOME, beside .pyenv, beside the version directory itself), and one in $HOME.
+  prefix = os.path.realpath(sys.base_prefix)
+  above = [os.path.dirname(prefix)]
+  while above[-1] != "/":
+    above.append(os.path.dirname(above[-1]))
+  home = os.path.expanduser("~")
+  name = f".coder_jax_probe_{uuid.uuid4().hex}"
+  planted = [os.path.join(d, name) for d in sorted(set(above) | {home})
+             if d != "/" and not _inside(d, ro) and os.access(d, os.W_OK)]
+  assert planted
+  bound_dirs = [p for p in ro if os.path.isdir(p) and not os.path.islink(p)]
+  program = f"""import json, os, sys
+seen = {{d: sorted(os.listdir(d)) for d in {sorted(view)!r}}}
+planted = [p for p in {planted!r} if os.path.lexists(p)]
+writable = []
+for d in {bound_dirs!r}:
+  try:
+    open(os.path.join(d, "x"), "w")
+    writable.append(d)
+  except OSError:
+    pass
+stdlib = os.path.join({prefix!r}, "lib", "python%d.%d" % sys.version_info[:2], "os.py")
+print(json.dumps(dict(seen=seen, planted=planted, writable=writable,
+                      stdlib=os.path.isfile(stdlib),
+                      procs=sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                      home=os.environ["HOME"], cwd=os.getcwd())))
+"""
+  try:
+    for p in planted:
+      open(p, "w").close()
+    r = run("namespaces", program)
+  finally:
+    for p in planted:
+      os.unlink(p)
+  assert r.passed, r
+  got = json.loads(r.stdout)
+  assert got["planted"] == [] and got["writable"] == [], got
+  assert got["stdlib"]  # the interpreter's install tree is there, and readable
+  assert got["procs"] == [1, 2]  # the sandbox's init and the worker: no host process
+  assert got["home"] == got["cwd"] == r.workdir
+  view["/tmp"].add(os.path.basename(r.workdir))
+  assert got["seen"] == {d: sorted(v) for d, v in view.items()}
+
+
 @NEEDS_NS
 def test_network_is_unreachable():
   # Servers in this process: TCP on 127.0.0.1 and an abstract unix socket (per net namespace).
@@ -342,6 +423,52 @@ def test_check_many_keeps_order():
   assert sandbox.check_many([]) == []
 
 
+def test_check_many_scores_around_an_unrunnable_item():
+  items = [("def f():\n  return 1\n", "assert f() == 1\n"),
+           ("def f():\n  return 1  # \x00\n", "assert f() == 1\n"),
+           ("def f():\n  return '\ud800'\n", "assert f() == 1\n"),
+           ("def f():\n  return 1\n", "assert f() == '\udfff'\n"),
+           ("def f():\n  return 2\n", "assert f() == 1\n")]
+  rs = sandbox.check_many(items, max_workers=2, timeout_s=10.0)
+  assert [r.status for r in rs] == ["passed", "failed", "failed", "error", "failed"]
+  assert rs[1].detail == "not run: the program contains a NUL byte (at offset 23)"
+  assert rs[2].detail.startswith("not run: the program contains a lone surrogate U+D800")
+  assert rs[3].detail.startswith("not run: the test contains a lone surrogate U+DFFF")
+  assert rs[4].exception.startswith("AssertionError")  # the others ran as usual
+  # One check() of such a program is a one-line ValueError, not a UnicodeEncodeError deep inside.
+  with pytest.raises(ValueError, match="program contains a lone surrogate U\\+D800"):
+    sandbox.check(*items[2])
+  with pytest.raises(ValueError, match="program contains a NUL byte"):
+    sandbox.check(*items[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tiny_timeout_says_it_timed_out(mode):
+  # A microsecond limit ends every program; it once gave "error" with no detail, and under load
+  # a short program that ended before the clock started passed. The clock now starts before
+  # the program is forked: many at once, every one is a timeout that says so.
+  for t in (1e-9, 1e-6):
+    r = run(mode, "x = 1\n", timeout_s=t)
+    assert r.status == "timeout" and f"wall time limit ({t:g} s)" in r.detail, r
+  rs = sandbox.check_many([("x = 1\n", "pass\n")] * 16, max_workers=8, timeout_s=1e-6,
+                          isolation=mode)
+  assert {(r.status, r.detail) for r in rs} == {("timeout", "wall time limit (1e-06 s)")}
+  # The program's own SIGALRM is untouched by the supervisor's (blocked there until it waits).
+  r = run(mode, "import signal, time\nhit = []\n"
+          "signal.signal(signal.SIGALRM, lambda *a: hit.append(1))\n"
+          "signal.setitimer(signal.ITIMER_REAL, 0.05)\ntime.sleep(0.5)\n", "assert hit == [1]\n",
+          timeout_s=5.0)
+  assert r.passed, r
+
+
+def test_verdict_detail_is_never_empty():
+  out = runner._Capped(16)
+  raw = runner._Capped(1 << 20)
+  raw.feed(json.dumps({"status": "error", "nonce": "1" * 32, "detail": ""}).encode())
+  r = runner._result(raw, "1" * 32, False, 0, 0, sandbox.Limits(), "rlimits", out, out, 0, "")
+  assert r.status == "error" and r.detail
+
+
 def test_check_many_is_parallel_and_bounded():
   items = [("import time\ntime.sleep(1.0)\n", "pass\n")] * 4
   t0 = time.monotonic()
@@ -417,6 +544,7 @@ def test_refuses_to_run_without_a_process_cap(monkeypatch):
   (dict(timeout_s=-1.0), ValueError, "timeout_s"),
   (dict(timeout_s=float("nan")), ValueError, "timeout_s"),
   (dict(timeout_s=float("inf")), ValueError, "timeout_s"),
+  (dict(timeout_s=3601.0), ValueError, "timeout_s"),
   (dict(timeout_s="10"), TypeError, "timeout_s"),
   (dict(timeout_s=True), TypeError, "timeout_s"),
   (dict(limits={"wall_s": 1}), TypeError, "sandbox.Limits"),
@@ -447,3 +575,8 @@ def test_check_many_validation():
     sandbox.check_many([("", "")], max_workers=0)
   with pytest.raises(TypeError, match=r"items\[1\]"):
     sandbox.check_many([("", ""), "print(1)"])
+  with pytest.raises(TypeError, match=r"items\[1\] program"):
+    sandbox.check_many([("", ""), (b"x = 1", "")])
+  for bad in (0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="timeout_s"):
+      sandbox.check_many([("", "")], timeout_s=bad)

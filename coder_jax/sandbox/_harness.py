@@ -77,22 +77,43 @@ def _on_alarm(signum, frame):
   raise _WallTime()
 
 
-def supervise(pid, wall_s):
-  """Waits for `pid`, reaping every other child meanwhile; SIGKILLs it at the wall limit."""
-  t0 = time.monotonic()
+def start_wall_clock(wall_s):
+  """Arms the wall limit before the program is forked, so it counts the program's whole life
+  even when this process is slow to reach supervise() (under load, a short program once ended
+  before the clock started and passed a 1e-6 s limit). SIGALRM stays blocked until supervise()
+  waits, so the alarm cannot interrupt anything else here."""
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
   signal.signal(signal.SIGALRM, _on_alarm)
   signal.setitimer(signal.ITIMER_REAL, wall_s)
+
+
+def program_signals():
+  """In the forked program: SIGALRM as in any fresh process (fork does not copy the itimer)."""
+  signal.signal(signal.SIGALRM, signal.SIG_DFL)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
+
+def supervise(pid, wall_s):
+  """Waits for `pid` (forked after start_wall_clock), reaping every other child meanwhile;
+  SIGKILLs it at the wall limit."""
+  t0 = time.monotonic()
   timed_out, status, usage = False, None, None
+  # Unblocked inside the try, disarmed in an inner finally: an alarm already due lands at the
+  # unblock, and one whose handler runs just after the disarm still lands in `except _WallTime`
+  # (it once escaped as an "error" with an empty message).
   try:
-    while status is None:
-      p, st, ru = os.wait4(-1, 0)
-      if p == pid:
-        status, usage = st, ru
+    try:
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+      while status is None:
+        p, st, ru = os.wait4(-1, 0)
+        if p == pid:
+          status, usage = st, ru
+    finally:
+      signal.setitimer(signal.ITIMER_REAL, 0)
   except _WallTime:
-    timed_out = True
+    timed_out = status is None  # an alarm just after the program ended is no timeout
   except ChildProcessError:
     pass
-  signal.setitimer(signal.ITIMER_REAL, 0)
   if status is None:
     try:
       os.kill(pid, signal.SIGKILL)
@@ -137,11 +158,16 @@ def _build_root(cfg):
   L.mount("tmpfs", new, "tmpfs", L.MS_NOSUID | L.MS_NODEV, "size=1m,mode=0755")
   for path in cfg["ro_paths"]:
     dst = new + path
-    if os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
+    # The directories above a bound path (/root/.pyenv/versions above pyenv's interpreter) are
+    # made here, on the tmpfs: they hold that one entry, nothing of the host directory.
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems, /etc/localtime -> ...
       os.symlink(os.readlink(path), dst)
     elif os.path.isdir(path):
       os.makedirs(dst, exist_ok=True)
+      _bind_ro(path, dst)
+    elif os.path.isfile(path):  # /etc/passwd, ...: an empty file as the mount point
+      open(dst, "w").close()
       _bind_ro(path, dst)
   dev = new + "/dev"
   os.makedirs(dev, exist_ok=True)
@@ -179,14 +205,16 @@ def _init(cfg, program, test, done_w, info_w):
   try:
     _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     _build_root(cfg)
+    start_wall_clock(cfg["wall_s"])
     w = os.fork()
     if w == 0:
+      program_signals()
       os.close(info_w)
       _worker.run(cfg, program, test)
     os.close(done_w)
     info = supervise(w, cfg["wall_s"])
   except BaseException as e:
-    info = {"error": f"sandbox init: {e}"}
+    info = {"error": f"sandbox init: {type(e).__name__}: {e}"}
   _report(info_w, info)
   os._exit(0)  # pid 1 exits: the kernel kills whatever the program left in the namespace
 
@@ -259,6 +287,9 @@ def _verdict(record, info, cfg):
        "cpu_s": info.get("cpu_s"), "maxrss_kb": info.get("maxrss_kb")}
   if info.get("error"):
     v["detail"] = info["error"]
+  elif info.get("timed_out"):  # the alarm came before the program was reaped: over the limit,
+    v["status"] = "timeout"  # whatever it wrote meanwhile
+    v["detail"] = f"wall time limit ({cfg['wall_s']:g} s)"
   elif record is not None:
     v["status"] = record["status"]
     v["exception"] = record.get("exception") or None
@@ -267,9 +298,6 @@ def _verdict(record, info, cfg):
       v["detail"] = "the test ran to its end"
     else:
       v["detail"] = f"{record.get('phase')}: {record.get('exception')}"
-  elif info.get("timed_out"):
-    v["status"] = "timeout"
-    v["detail"] = f"wall time limit ({cfg['wall_s']:g} s)"
   else:
     ws = info.get("wstatus", 0)
     if os.WIFSIGNALED(ws):
@@ -306,8 +334,10 @@ def main():
     child = _spawn_namespaced(cfg, program, test, done_w, info_w, [0, vfd, done_r, info_r])
   else:
     _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)
+    start_wall_clock(cfg["wall_s"])
     child = os.fork()
     if child == 0:
+      program_signals()
       for fd in (vfd, done_r, info_r, info_w):
         os.close(fd)
       _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)

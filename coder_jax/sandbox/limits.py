@@ -16,7 +16,9 @@ class SandboxUnavailable(SandboxError):
   """The requested isolation, or any process cap, is not available on this machine."""
 
 
-def _seconds(name: str, value) -> float:
+def check_seconds(name: str, value) -> float:
+  """`value` as float seconds, or a TypeError / ValueError naming `name`. Public so a caller can
+  reject a bad timeout up front (e.g. before hours of generation) exactly as check() would."""
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise TypeError(f"{name} must be a number of seconds, got {value!r}")
   if not math.isfinite(value) or not 0 < value <= 3600:
@@ -46,9 +48,9 @@ class Limits:
   nice: int = 10  # below the trainer that calls us
 
   def __post_init__(self):
-    _seconds("wall_s", self.wall_s)
+    check_seconds("wall_s", self.wall_s)
     if self.cpu_s is not None:
-      _seconds("cpu_s", self.cpu_s)
+      check_seconds("cpu_s", self.cpu_s)
     # The interpreter needs ~30 MiB of address space just to start.
     _count("address_space_bytes", self.address_space_bytes, 64 << 20, 1 << 46)
     _count("max_processes", self.max_processes, 1, 4096)

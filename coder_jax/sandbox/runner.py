@@ -25,7 +25,7 @@ import time
 
 from coder_jax.sandbox import _cgroup
 from coder_jax.sandbox.limits import (STATUSES, Limits, Result, SandboxError, SandboxUnavailable,
-                                      _seconds)
+                                      check_seconds)
 
 log = logging.getLogger("coder_jax.sandbox")
 
@@ -35,7 +35,13 @@ _HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py
 _GRACE_S = 2.0  # caller-side backstop past the wall limit (interpreter start, mounts, teardown)
 _DRAIN_S = 0.5  # after the verdict, how long to let stdout/stderr reach EOF
 _NOBODY = 65534
-_SYSTEM_RO = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_SYSTEM_RO = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Of /etc only what programs use, never all of it: machine-wide settings there (pip.conf, npmrc,
+# gitconfig, ssh, hosts) can name private indexes and hosts or hold tokens. Dynamic linking of
+# what the program runs or loads late; local time; account names for pwd/grp (shadow stays out);
+# mimetypes; the targets of /usr/bin links such as awk.
+_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group",
+        "nsswitch.conf", "mime.types", "alternatives")
 
 _caps_lock = threading.Lock()
 _caps: dict = {}
@@ -78,7 +84,10 @@ def _rlimits_python() -> str | None:
 
 
 def _ro_paths(python: str) -> list[str]:
-  paths = [p for p in _SYSTEM_RO if os.path.lexists(p)]
+  """What the namespaces mode binds read-only into the new root (besides /dev, /proc and the
+  scratch tmpfs): system directories, a few /etc files, and the interpreter's install tree, not
+  the directories above it (e.g. not $HOME when pyenv installed it there)."""
+  paths = [p for p in _SYSTEM_RO + tuple(f"/etc/{n}" for n in _ETC) if os.path.lexists(p)]
   for extra in (os.path.realpath(sys.base_prefix), os.path.dirname(python)):
     if not any(extra == p or extra.startswith(p + "/") for p in paths):
       paths.append(extra)
@@ -324,7 +333,8 @@ def _result(raw, nonce, timed_out, oom, pid_hits, limits, mode, out, err, wall, 
   if (not isinstance(v, dict) or v.get("status") not in STATUSES
       or not secrets.compare_digest(str(v.get("nonce", "")).encode(), nonce.encode())):
     return Result("error", detail="no valid verdict from the harness", **common)
-  status, detail = v["status"], v.get("detail", "")
+  # Never an empty detail: a harness error whose message is empty still says which status.
+  status, detail = v["status"], v.get("detail") or f"{v['status']} (the harness gave no reason)"
   if not v.get("completed") and status in ("failed", "killed") and oom:
     status, detail = "killed", "memory limit (cgroup OOM kill)"
   elif oom and status != "passed":
@@ -341,15 +351,31 @@ def _limits(limits: Limits | None, timeout_s) -> Limits:
   elif not isinstance(limits, Limits):
     raise TypeError(f"limits must be a sandbox.Limits, got {type(limits).__name__}")
   if timeout_s is not None:
-    limits = dataclasses.replace(limits, wall_s=_seconds("timeout_s", timeout_s))
+    limits = dataclasses.replace(limits, wall_s=check_seconds("timeout_s", timeout_s))
   return limits
 
 
-def _code(name: str, value) -> str:
+def _unrunnable(name: str, value) -> str:
+  """Why the str `value` cannot be handed to an interpreter, e.g. "contains a NUL byte ..."
+  ("" when it can). A non-str raises TypeError naming `name`: that is the caller's bug, not a
+  property of generated text."""
   if not isinstance(value, str):
     raise TypeError(f"{name} must be a str of Python source, got {type(value).__name__}")
-  if "\x00" in value:
-    raise ValueError(f"{name} contains a NUL byte")
+  nul = value.find("\x00")
+  if nul >= 0:
+    return f"contains a NUL byte (at offset {nul})"
+  try:
+    value.encode("utf-8")  # the files we write, and the interpreter's source decoding, need it
+  except UnicodeEncodeError as e:
+    return (f"contains a lone surrogate U+{ord(value[e.start]):04X} (at offset {e.start}), "
+            "which is not UTF-8 text")
+  return ""
+
+
+def _code(name: str, value) -> str:
+  why = _unrunnable(name, value)
+  if why:
+    raise ValueError(f"{name} {why}")
   return value
 
 
@@ -375,16 +401,25 @@ def check_many(items, max_workers: int | None = None, timeout_s: float | None = 
                tag: str | None = None) -> list[Result]:
   """check() over (program, test) pairs, at most `max_workers` (default: CPU count) at once.
 
-  Results come back in input order. A check the sandbox itself could not run (e.g. out of file
-  descriptors) becomes a Result with status "error" instead of losing the others.
+  Results come back in input order. One bad item never costs the others: a program that cannot
+  run at all (a NUL byte, a lone surrogate) is "failed" with the reason in its detail, as a
+  syntax error would be; such a test is "error" (the caller's test is broken); a check the
+  sandbox itself could not run (e.g. out of file descriptors) is "error". Only a malformed call
+  (an item that is no pair, a non-str program) raises.
   """
-  pairs = []
+  pairs, rejected = [], {}
   for i, item in enumerate(items):
     if isinstance(item, dict):
       item = (item.get("program"), item.get("test"))
     if not isinstance(item, (tuple, list)) or len(item) != 2:
       raise TypeError(f"items[{i}] must be a (program, test) pair or a dict with those keys")
-    pairs.append((_code(f"items[{i}] program", item[0]), _code(f"items[{i}] test", item[1])))
+    why_program = _unrunnable(f"items[{i}] program", item[0])
+    why_test = _unrunnable(f"items[{i}] test", item[1])
+    if why_program:
+      rejected[i] = ("failed", f"not run: the program {why_program}")
+    elif why_test:
+      rejected[i] = ("error", f"not run: the test {why_test}")
+    pairs.append(item)
   if max_workers is None:
     max_workers = os.cpu_count() or 1
   if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
@@ -395,12 +430,15 @@ def check_many(items, max_workers: int | None = None, timeout_s: float | None = 
   mode, caps = _resolve(isolation)
   python = _mode_python(mode, caps)
 
-  def one(pair):
+  def one(i):
+    if i in rejected:
+      status, why = rejected[i]
+      return Result(status, isolation=mode, detail=why)
     try:
-      return _run_one(pair[0], pair[1], limits, mode, tag, caps["cgroup"], python)
+      return _run_one(pairs[i][0], pairs[i][1], limits, mode, tag, caps["cgroup"], python)
     except (OSError, SandboxError) as e:
       return Result("error", isolation=mode, detail=f"sandbox failure: {e}")
 
   with concurrent.futures.ThreadPoolExecutor(min(max_workers, len(pairs)),
                                              thread_name_prefix="coder_jax_sandbox") as pool:
-    return list(pool.map(one, pairs))
+    return list(pool.map(one, range(len(pairs))))
