@@ -426,3 +426,15 @@ def test_cli_perplexity_on_a_built_corpus(checkpoint, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ValueError: --split:") and "\n" not in err, err
   assert "'nosuch'" in err and "splits with data: train, validation" in err, err
+  # Data tokenized by another tokenizer than the model's own: refused unless told otherwise.
+  other_src = tmp_path / "other_src"
+  other_src.mkdir()
+  (other_src / "a.py").write_text("".join(SNIPPETS[::-1]) * 4)
+  other = tmp_path / "other"
+  prepare(str(other), [str(other_src)], vocab_size=300, validation_fraction=0.5)
+  flags = ["perplexity", "--checkpoint", checkpoint, "--data_dir", str(other), "--seq_len", "64",
+           "--batch_size", "2", "--batches", "1"]
+  assert run(flags) == 2
+  err = capsys.readouterr().err.strip()
+  assert "is not the tokenizer this model was trained with" in err and "\n" not in err, err
+  assert run(flags + ["--allow_tokenizer_mismatch"]) == 0

@@ -46,6 +46,8 @@ def parse_flags(argv):
     p.add_argument("--checkpoint", required=True, help="Hugging Face dir or training MODEL_DIR")
     p.add_argument("--step", type=int, help="training checkpoint step (default: latest)")
     p.add_argument("--batch_size", type=_positive)
+    p.add_argument("--allow_tokenizer_mismatch", action="store_true",
+                   help="use a tokenizer other than the one the checkpoint was trained with")
 
   h = sub.add_parser("humaneval", help="pass@k on HumanEval (164 problems)")
   common(h)
@@ -87,19 +89,16 @@ def _log(msg: str) -> None:
 
 
 def load_checkpoint(path: str, step: int | None = None, tokenizer: str | None = None,
-                    need_tokenizer: bool = True):
-  """(model, tokenizer or None) with the user's mistakes turned into one-line errors."""
+                    need_tokenizer: bool = True, allow_tokenizer_mismatch: bool = False):
+  """(model, tokenizer or None) with the user's mistakes turned into one-line errors; the
+  tokenizer checks are decode.load's (the checkpoint's own unless told otherwise)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"--checkpoint: {path}: no such file or directory")
   from coder_jax.decode import load
-  model, tok = load(path, step=step, tokenizer=tokenizer)
+  model, tok = load(path, step=step, tokenizer=tokenizer,
+                    allow_tokenizer_mismatch=allow_tokenizer_mismatch)
   if need_tokenizer and tok is None:
     raise FileNotFoundError(f"--checkpoint: {path} has no tokenizer.json; pass --tokenizer PATH")
-  if tok is not None:
-    n = tok.get_vocab_size(with_added_tokens=True)
-    if n > model.cfg.vocab_size:
-      raise ValueError(f"--tokenizer: has {n} tokens but the model's vocab_size is "
-                       f"{model.cfg.vocab_size}; it is not this model's tokenizer")
   return model, tok
 
 
@@ -121,7 +120,8 @@ def cmd_humaneval(args) -> dict:
   model = tok = None
   if plan.todo:
     he.check_sandbox()
-    model, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+    model, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer,
+                                 allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
   left = len(problems) * args.n_samples - len(plan.done)
   _log(f"humaneval: {len(problems)} problems x {args.n_samples} samples from {args.checkpoint}"
        + (f"; {len(plan.done)} read back from {args.out}, {left} left" if plan.done else ""))
@@ -138,12 +138,10 @@ def cmd_perplexity(args) -> dict:
   batches = validation_batches(args.data_dir, seq_len=args.seq_len, batch_size=args.batch_size,
                                split=args.split, tokenizer=args.tokenizer, task=args.task,
                                fim_rate=args.fim_rate, seed=args.seed)
-  model, _ = load_checkpoint(args.checkpoint, args.step, need_tokenizer=False)
-  from coder_jax.data.tokenizer import load_tokenizer
-  n = load_tokenizer(batches.cfg.tokenizer).get_vocab_size(with_added_tokens=True)
-  if n > model.cfg.vocab_size:
-    raise ValueError(f"--data_dir: its tokenizer has {n} tokens but the model's vocab_size is "
-                     f"{model.cfg.vocab_size}; this data was not tokenized for this model")
+  # The data's tokenizer must be the model's: decode.load checks it against the checkpoint's own.
+  model, _ = load_checkpoint(args.checkpoint, args.step, tokenizer=batches.cfg.tokenizer,
+                             need_tokenizer=False,
+                             allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
   r = perplexity(model, batches, max_batches=args.batches, log=_log)
   what = f"{args.split} split of {args.task or 'the code mixture'}, {args.seq_len}-token rows"
   print(format_summary(r, what), flush=True)
