@@ -124,7 +124,8 @@ def test_loading_for_export_and_decode_skips_damaged_steps(base, tmp_path, capsy
   run = tmp_path / "run"
   shutil.copytree(base[0], run)
   intact, step = load_params(str(run), 2)
-  _damage(run / "checkpoints" / "4", "garbage")
+  for f in glob.glob(str(run / "checkpoints" / "4" / "state" / "**" / "d" / "*"), recursive=True):
+    os.truncate(f, os.path.getsize(f) // 2)   # parameters and optimizer state alike
   before = _tree(run)
   model, step = load_params(str(run))
   assert step == 2

@@ -15,13 +15,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from coder_jax.model.config import ModelConfig
-from coder_jax.model.decoder import DeepseekV2, init_model
+from coder_jax.model.decoder import DeepseekV2
 from coder_jax.parallel.rules import logical_to_spec
 
 
-def abstract_model(cfg: ModelConfig):
-  """(graphdef, abstract nnx state) without allocating a weight."""
-  abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig, model_cls=DeepseekV2):
+  """(graphdef, abstract nnx state) without allocating a weight. model_cls(cfg, rngs=...) is the
+  module trained (the causal LM, or e.g. the reward model)."""
+  abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
   return nnx.split(abstract)
 
 
@@ -75,9 +76,9 @@ def opt_state_specs(abstract_opt_state, params_abstract: dict, specs: dict):
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def state_specs(cfg: ModelConfig, optimizer, mesh):
+def state_specs(cfg: ModelConfig, optimizer, mesh, model_cls=DeepseekV2):
   """(graphdef, abstract train state, PartitionSpec tree of the same structure)."""
-  graphdef, abstract_state = abstract_model(cfg)
+  graphdef, abstract_state = abstract_model(cfg, model_cls)
   params = abstract_params(abstract_state)
   pspecs = param_specs(abstract_state, mesh)
   opt_abstract = jax.eval_shape(optimizer.init, params)
@@ -94,15 +95,16 @@ def to_shardings(specs, mesh):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def init_state(cfg: ModelConfig, optimizer, mesh, *, seed: int = 0, params: dict | None = None):
+def init_state(cfg: ModelConfig, optimizer, mesh, *, seed: int = 0, params: dict | None = None,
+               model_cls=DeepseekV2):
   """A fresh sharded train state (parameters from `params`, e.g. a Hugging Face checkpoint, or
   initialised from `seed` directly on their devices)."""
-  graphdef, abstract, specs = state_specs(cfg, optimizer, mesh)
+  graphdef, abstract, specs = state_specs(cfg, optimizer, mesh, model_cls)
   shardings = to_shardings(specs, mesh)
 
   def build(p):
     if p is None:
-      p = nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param))
+      p = nnx.to_pure_dict(nnx.state(model_cls(cfg, rngs=nnx.Rngs(params=seed)), nnx.Param))
     p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
     return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),

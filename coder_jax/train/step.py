@@ -1,7 +1,17 @@
-"""The pure train step: forward, losses, gradients (accumulated over micro-batches), a skipped
-update when the loss or the gradient is not finite, and the step's metrics."""
+"""The pure train step, for every stage: an Objective's loss and gradients (accumulated over
+micro-batches), a skipped update when the loss or the gradient is not finite, and the metrics.
+
+An Objective says what a stage trains: `loss_fn(model, micro_batch, norms) -> (loss, metrics)`
+where `norms = objective.norms(whole_batch)` are the whole batch's divisors, so the loss and
+the metrics of micro-batches add up to those of the batch; `batch_axes` names each batch key's
+logical axes (per-token [B, T] keys and per-row [B] keys such as GRPO's advantages alike), which
+places the batch on the mesh and splits it into micro-batches.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -11,72 +21,108 @@ from flax import nnx
 from coder_jax.parallel.expert import token_dropping
 from coder_jax.train.losses import BalanceLossConfig, balance_losses, cross_entropy_sum
 
+TOKEN_AXES = ("batch", "activation_length")
+ROW_AXES = ("batch",)
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 
 
-def _forward(graphdef, cfg, alphas, params, mb, num_tokens, num_rows):
-  model = nnx.merge(graphdef, params)
-  logits, aux = model(mb["inputs"], mb["segment_ids"], mb["positions"], return_aux=True)
-  ce_sum = cross_entropy_sum(logits, mb["targets"], mb["loss_weights"])
-  bal = balance_losses(aux["router"], cfg, alphas, num_rows=num_rows)
-  loss = ce_sum / num_tokens + sum(bal.values())
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  loss_fn: Callable        # (model, micro_batch, norms) -> (loss, {name: additive metric})
+  batch_axes: Mapping[str, tuple]
+  norms: Callable          # whole batch -> {name: divisor}
+  finalize: Callable = lambda metrics, norms: metrics   # after accumulation (jittable)
+
+
+def token_norms(batch) -> dict:
+  """Weighted tokens and rows holding tokens: the divisors of the token-mean losses."""
+  return {"tokens": jnp.maximum(batch["loss_weights"].astype(jnp.float32).sum(), 1.0),
+          "rows": jnp.maximum((batch["segment_ids"] > 0).any(axis=1).astype(jnp.float32).sum(),
+                              1.0)}
+
+
+def moe_balance(cfg, alphas, aux, norms) -> tuple[jnp.ndarray, dict]:
+  """The balance losses' sum, and {their values, per-layer routed-copy counts}."""
+  bal = balance_losses(aux["router"], cfg, alphas, num_rows=norms["rows"])
   counts = (jnp.concatenate([s["count"].sum(axis=1) for s in aux["router"]], axis=0)
             if aux["router"] else jnp.zeros((0, 0), jnp.float32))
-  return loss, (ce_sum, bal, counts)
+  return sum(bal.values()), {**bal, "expert_counts": counts}
 
 
-def _batch_norms(batch):
-  num_tokens = jnp.maximum(batch["loss_weights"].astype(jnp.float32).sum(), 1.0)
-  num_rows = jnp.maximum((batch["segment_ids"] > 0).any(axis=1).astype(jnp.float32).sum(), 1.0)
-  return num_tokens, num_rows
+def expert_load(metrics: dict, norms) -> dict:
+  """Replaces the accumulated per-layer copy counts by each layer's load fractions."""
+  m = dict(metrics)
+  counts = m.pop("expert_counts")
+  m["expert_load"] = (counts / jnp.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
+                      if counts.size else counts)
+  m["tokens"] = norms["tokens"]
+  return m
 
 
-def make_train_step(graphdef, cfg, optimizer, schedule, *, alphas=BalanceLossConfig(),
-                    grad_accum_steps: int = 1):
+def lm_objective(cfg, alphas: BalanceLossConfig = BalanceLossConfig()) -> Objective:
+  """Next-token cross-entropy over weighted tokens (pretraining; SFT with loss_weights on the
+  assistant tokens only) plus DeepSeek-V2's balance losses."""
+
+  def loss_fn(model, mb, norms):
+    logits, aux = model(mb["inputs"], mb["segment_ids"], mb["positions"], return_aux=True)
+    ce = cross_entropy_sum(logits, mb["targets"], mb["loss_weights"]) / norms["tokens"]
+    bal, metrics = moe_balance(cfg, alphas, aux, norms)
+    return ce + bal, {"ce_loss": ce, **metrics}
+
+  return Objective(loss_fn, {k: TOKEN_AXES for k in BATCH_KEYS}, token_norms, expert_load)
+
+
+def make_step(graphdef, optimizer, schedule, objective: Objective, *, grad_accum_steps: int = 1):
   """train_step(state, batch) -> (state, metrics). Jit it with the state's shardings."""
-  grad_fn = jax.value_and_grad(lambda p, mb, nt, nr: _forward(graphdef, cfg, alphas, p, mb, nt, nr),
-                               has_aux=True)
+
+  def loss(params, mb, norms):
+    return objective.loss_fn(nnx.merge(graphdef, params), mb, norms)
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
-    num_tokens, num_rows = _batch_norms(batch)
+    norms = objective.norms(batch)
     with token_dropping(True):
       if grad_accum_steps == 1:
-        (loss, (ce_sum, bal, counts)), grads = grad_fn(params, batch, num_tokens, num_rows)
+        (loss_v, metrics), grads = grad_fn(params, batch, norms)
       else:
         a = grad_accum_steps
         # Row r goes to micro-batch r % a, so each micro-batch keeps the batch's sharding.
         micro = {k: jnp.swapaxes(batch[k].reshape((-1, a) + batch[k].shape[1:]), 0, 1)
-                 for k in BATCH_KEYS}
+                 for k in objective.batch_axes}
 
         def body(carry, mb):
-          (loss, (ce_sum, bal, counts)), g = grad_fn(params, mb, num_tokens, num_rows)
-          acc = jax.tree.map(jnp.add, carry, (g, loss, ce_sum, bal, counts))
-          return acc, None
+          out = grad_fn(params, mb, norms)
+          return jax.tree.map(jnp.add, carry, out), None
 
-        zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
-                                               num_tokens, num_rows))
-        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            (zeros[1], zeros[0][0], *zeros[0][1]))
-        (grads, loss, ce_sum, bal, counts), _ = jax.lax.scan(body, init, micro)
+        shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                                norms))
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((loss_v, metrics), grads), _ = jax.lax.scan(body, init, micro)
     if "nan_poison" in batch:  # fault injection for tests of the non-finite guard
-      loss = loss + batch["nan_poison"]
+      loss_v = loss_v + batch["nan_poison"]
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = jnp.isfinite(loss_v) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
                  "step": state["step"] + 1, "rng": state["rng"],
                  "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32)}
-    load = counts / jnp.maximum(counts.sum(axis=-1, keepdims=True), 1.0) if counts.size else counts
-    metrics = {"loss": loss, "ce_loss": ce_sum / num_tokens, **bal, "grad_norm": grad_norm,
-               "learning_rate": schedule(_schedule_count(state["opt_state"], state["step"])),
-               "tokens": num_tokens,
-               "skipped": (~ok).astype(jnp.int32), "expert_load": load}
-    return new_state, metrics
+    out = {"loss": loss_v, **objective.finalize(metrics, norms), "grad_norm": grad_norm,
+           "learning_rate": schedule(_schedule_count(state["opt_state"], state["step"])),
+           "skipped": (~ok).astype(jnp.int32), "nonfinite_total": new_state["nonfinite"]}
+    return new_state, out
 
   return train_step
+
+
+def make_train_step(graphdef, cfg, optimizer, schedule, *, alphas=BalanceLossConfig(),
+                    grad_accum_steps: int = 1):
+  """The language-model train step (pretraining)."""
+  return make_step(graphdef, optimizer, schedule, lm_objective(cfg, alphas),
+                   grad_accum_steps=grad_accum_steps)
 
 
 def _schedule_count(opt_state, step):
@@ -90,9 +136,9 @@ def _schedule_count(opt_state, step):
 
 def loss_and_grads(graphdef, cfg, params, batch, alphas=BalanceLossConfig()):
   """Loss and gradients of one batch (no update); for tests comparing meshes."""
-  num_tokens, num_rows = _batch_norms(batch)
+  objective = lm_objective(cfg, alphas)
+  norms = objective.norms(batch)
   with token_dropping(True):
     (loss, _), grads = jax.value_and_grad(
-        lambda p: _forward(graphdef, cfg, alphas, p, batch, num_tokens, num_rows),
-        has_aux=True)(params)
+        lambda p: objective.loss_fn(nnx.merge(graphdef, p), batch, norms), has_aux=True)(params)
   return loss, grads

@@ -1,0 +1,301 @@
+"""One training loop for every stage (pretraining, SFT, the reward model, GRPO, long context).
+
+A stage brings the model config, an Objective (train/step.py), a stream of host-local numpy
+batches, and where the weights start (a seed, a Hugging Face checkpoint, or another run's
+MODEL_DIR). Every stage then gets the same behaviour:
+- checkpoints every N steps (Orbax, asynchronous); a start resumes from the newest step that
+  restores, skipping damaged ones; SIGTERM or Ctrl-C saves after the current step and exits;
+- a step whose loss or gradient is not finite is skipped and counted; after N in a row the run
+  stops naming the last good checkpoint;
+- metrics fetched one step late: step s+1 is dispatched before step s's metrics are read, so the
+  host never waits on the device to log (a save point reads its own step first);
+- MODEL_DIR/config.gin holds the run's gin config (t5x convention), MODEL_DIR/tokenizer.json
+  the tokenizer its batches were made with.
+
+The stream protocol: `next(stream)` -> dict of numpy arrays [rows, ...] (this host's rows);
+`stream.state()` -> JSON-able position saved with each checkpoint; optional
+`stream.tokenizer_path`; a stream with `needs_state = True` is asked `stream.next_with(state)`
+instead (on-policy sampling reads the current parameters).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from coder_jax.model.config import get_config
+from coder_jax.model.decoder import DeepseekV2
+from coder_jax.parallel.rules import logical_to_spec
+from coder_jax.train import state as train_state
+from coder_jax.train.checkpoint import (Checkpointer, PreemptionGuard, load_params,
+                                        read_model_config, record_tokenizer)
+from coder_jax.train.flops import peak_flops_per_device
+from coder_jax.train.metrics import MetricsLog, Progress
+
+# ModelConfig fields a run config may set on top of an architecture read from a checkpoint.
+RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "moe_impl",
+                  "routing_devices", "routing_device_limit", "capacity_factor")
+
+
+class NonFiniteLossError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def resolve_model_config(init_from_hf: str | None, compute_dtype: str,
+                         init_from_checkpoint: str | None = None, init_step: int | None = None):
+  """The gin model config, or the architecture of the checkpoint a run starts from (HF
+  config.json or another run's stored config) with the gin runtime fields; master weights are
+  always float32."""
+  if init_from_hf and init_from_checkpoint:
+    raise ValueError("init_from_hf and init_from_checkpoint: set one, not both")
+  gin_cfg = get_config()
+  runtime = {f: getattr(gin_cfg, f) for f in RUNTIME_FIELDS}
+  runtime.update(dtype=compute_dtype, param_dtype="float32")
+  if init_from_hf:
+    from coder_jax import hf
+    return hf.load_config(init_from_hf, **runtime)
+  if init_from_checkpoint:
+    return read_model_config(init_from_checkpoint, init_step, **runtime)[0]
+  return gin_cfg.replace(**runtime)
+
+
+def initial_params(cfg, mesh, *, init_from_hf=None, init_from_checkpoint=None, init_step=None):
+  """Parameters (a pure dict placed on the mesh) a fresh run starts from; None: from the seed."""
+  if init_from_hf:
+    from coder_jax import hf
+    loaded = hf.load(init_from_hf, jnp.float32, mesh=mesh, compute_dtype=cfg.dtype,
+                     **{f: getattr(cfg, f) for f in RUNTIME_FIELDS if f != "dtype"})
+    print(f"initialised from {init_from_hf}", flush=True)
+  elif init_from_checkpoint:
+    loaded, step = load_params(init_from_checkpoint, init_step, mesh=mesh,
+                               **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
+    print(f"initialised from step {step} of {init_from_checkpoint}", flush=True)
+  else:
+    return None
+  return nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+
+
+def check_model_dir(model_dir: str):
+  """MODEL_DIR must be a directory this process can write (root ignores permission bits, so
+  this writes a probe file rather than asking os.access)."""
+  import tempfile
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ValueError(f"MODEL_DIR: {model_dir} exists and is not a directory")
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=model_dir):
+      pass
+  except OSError as e:
+    raise ValueError(f"MODEL_DIR: cannot write to {model_dir} ({e.strerror})") from None
+
+
+def write_gin_config(model_dir: str):
+  """MODEL_DIR/config.gin: every binding of this run (written atomically by the first host)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(model_dir, "config.gin")
+  with open(path + ".tmp", "w") as f:
+    f.write(gin.config_str())
+  os.replace(path + ".tmp", path)
+
+
+def log_values(m: dict, step_time: float, tokens_per_step: int, flops_per_token: float | None,
+               peak: float | None, num_devices: int) -> dict:
+  """One metrics row: every scalar of the step, rates, MFU, and per-layer expert load."""
+  v = {}
+  for k, x in m.items():
+    a = np.asarray(x)
+    if k == "expert_load":
+      if a.size:
+        v["expert_load_max"] = float(a.max() * a.shape[-1])  # 1.0 = perfectly balanced
+        v["expert_load"] = [[round(float(y), 5) for y in row] for row in a]
+    elif a.ndim == 0:
+      v[k] = int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
+  v["lr"] = v.get("learning_rate")
+  v["step_time_s"] = step_time
+  v["tokens_per_s"] = tokens_per_step / step_time
+  if "tokens" in v:
+    v["real_tokens_per_s"] = v["tokens"] / step_time
+  if peak and flops_per_token:
+    v["mfu"] = flops_per_token * tokens_per_step / step_time / (peak * num_devices)
+  return v
+
+
+def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batch_size: int,
+        seq_len: int, train_steps: int, make_step: Callable, seed: int = 0,
+        params: Callable | None = None, model_cls=DeepseekV2, checkpoint_every: int = 100,
+        keep_checkpoints: int | None = 3, async_checkpoints: bool = True, log_every: int = 1,
+        max_consecutive_nonfinite: int = 5, nan_injection_steps: tuple = (),
+        flops_per_token: float | None = None, peak_tflops_per_device: float | None = None,
+        stop_after: int | None = None) -> dict:
+  """Train until `train_steps`, resuming from MODEL_DIR's newest intact checkpoint.
+
+  make_step(graphdef) -> the (unjitted) train step; params() -> the initial parameters of a
+  fresh run (None: from `seed`), called only when there is nothing to resume."""
+  if train_steps < 1 or checkpoint_every < 1:
+    raise ValueError("train_steps and checkpoint_every must be >= 1")
+  nproc = jax.process_count()
+  if batch_size % nproc:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {nproc} hosts")
+  check_model_dir(model_dir)
+  write_gin_config(model_dir)
+  ckpt = Checkpointer(model_dir, every=checkpoint_every, keep=keep_checkpoints,
+                      async_save=async_checkpoints)
+  try:
+    return _run(ckpt, locals())
+  finally:
+    ckpt.close()   # also on errors: an open async manager buries them in shutdown noise
+
+
+def _run(ckpt, a: dict) -> dict:
+  cfg, mesh, model_dir, train_steps = a["cfg"], a["mesh"], a["model_dir"], a["train_steps"]
+  primary = jax.process_index() == 0
+  nproc = jax.process_count()
+  graphdef, abstract, specs = train_state.state_specs(cfg, a["optimizer"], mesh, a["model_cls"])
+  shardings = train_state.to_shardings(specs, mesh)
+  with jax.set_mesh(mesh):
+    restored = ckpt.restore_latest(abstract, shardings, cfg)
+    latest = None if restored is None else restored[0]
+    if restored is not None:
+      _, state, data_pos = restored
+      start_batch = int(data_pos["batches"])
+      print(f"restored step {latest} from {ckpt.directory}", flush=True)
+    else:
+      init = a["params"]() if a["params"] else None
+      _, state, _ = train_state.init_state(cfg, a["optimizer"], mesh, seed=a["seed"], params=init,
+                                           model_cls=a["model_cls"])
+      start_batch = 0
+  start = int(jax.device_get(state["step"]))
+  stream = a["data"].open(model_vocab=cfg.vocab_size, batch_rows=a["batch_size"] // nproc,
+                          seq_len=a["seq_len"], shard=jax.process_index(), num_shards=nproc,
+                          start_batch=start_batch)
+  tok_path = getattr(stream, "tokenizer_path", None)
+  record = {}
+  if tok_path:
+    record["tokenizer"] = record_tokenizer(model_dir, tok_path, resumed=latest is not None)
+  objective = a["objective"]
+  placement = {}
+
+  def place(key, local):
+    """The global array of this host's rows of `key`, laid out by the objective's axes."""
+    if key not in placement:
+      shape = (local.shape[0] * nproc,) + local.shape[1:]
+      placement[key] = NamedSharding(mesh, logical_to_spec(objective.batch_axes[key], shape,
+                                                           mesh))
+    return jax.make_array_from_process_local_data(placement[key], local)
+
+  step_fn = jax.jit(a["make_step"](graphdef), in_shardings=(shardings, None),
+                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  peak = (a["peak_tflops_per_device"] * 1e12 if a["peak_tflops_per_device"]
+          else peak_flops_per_device())
+  log = MetricsLog(model_dir, enabled=primary, resume_step=start)
+  tokens_per_step = a["batch_size"] * a["seq_len"]
+  poison = set(int(s) for s in a["nan_injection_steps"])
+  progress = None  # made after the first step, so compile time does not skew the ETA
+  consecutive, losses, step, last_saved, reason = 0, {}, start, latest, "done"
+  pending = None      # (step, metrics on device) of the step dispatched last
+  t_prev = time.perf_counter()
+
+  def settle():
+    """Reads the pending step's metrics (waiting for it), logs them, updates the streak."""
+    nonlocal pending, consecutive, t_prev, progress
+    if pending is None:
+      return
+    s, m = pending
+    pending = None
+    m = jax.device_get(m)
+    now = time.perf_counter()
+    dt, t_prev = now - t_prev, now
+    v = log_values(m, dt, tokens_per_step, a["flops_per_token"], peak, jax.device_count())
+    losses[s] = v["loss"]
+    if v["skipped"]:
+      consecutive += 1
+      print(f"\nstep {s}: non-finite loss/gradient ({v['loss']}); update skipped "
+            f"({consecutive} in a row)", file=sys.stderr, flush=True)
+    else:
+      consecutive = 0
+    if progress is None:
+      progress = Progress(train_steps, start_step=s, stream=sys.stderr if primary else _Null())
+    if s % a["log_every"] == 0 or s == train_steps:
+      log.write(s, v)
+      progress.update(s, v)
+
+  # The guard stays installed through the final checkpoint wait: a second SIGTERM cannot cut it.
+  guard = PreemptionGuard().__enter__()
+  try:
+    with jax.set_mesh(mesh):
+      while step < train_steps:
+        local = (stream.next_with(state) if getattr(stream, "needs_state", False)
+                 else next(stream))
+        batch = {k: place(k, v) for k, v in local.items() if k in objective.batch_axes}
+        if poison:
+          batch["nan_poison"] = jax.device_put(
+              np.float32(np.nan if step + 1 in poison else 0.0), NamedSharding(mesh, P()))
+        state, m = step_fn(state, batch)
+        settle()    # the previous step's metrics, read while this one runs
+        step += 1
+        pending = (step, m)
+        if consecutive >= a["max_consecutive_nonfinite"]:
+          reason = "nonfinite"
+          break
+        stop = guard.requested()
+        done_here = a["stop_after"] is not None and step - start >= a["stop_after"]
+        forced = stop or done_here or step == train_steps
+        if forced or step % a["checkpoint_every"] == 0:
+          settle()   # a save point needs this step's verdict
+          if consecutive >= a["max_consecutive_nonfinite"]:
+            reason = "nonfinite"
+            break
+          # Periodic saves wait out a non-finite streak so rotation keeps the last good one; a
+          # forced save is safe within it (skipped updates left parameters and optimizer alone).
+          if forced or consecutive == 0:
+            if ckpt.save(step, state, {"batches": stream.state()["batches"], **record}, cfg,
+                         force=forced):
+              last_saved = step
+        if stop:
+          reason = "preempted"
+          break
+        if done_here:
+          reason = "stop_after"
+          break
+      settle()
+      if reason == "done" and consecutive >= a["max_consecutive_nonfinite"]:
+        reason = "nonfinite"
+  finally:
+    if progress is not None:
+      progress.close()
+    log.close()
+    ckpt.close()
+    guard.__exit__(None, None, None)
+  if reason == "preempted":
+    print(f"{guard.signal_name or 'SIGTERM'}: saved checkpoint at step {last_saved} in "
+          f"{ckpt.directory}", flush=True)
+  if reason == "nonfinite":
+    raise NonFiniteLossError(
+        f"stopping at step {step}: {consecutive} consecutive steps with a non-finite loss or "
+        f"gradient (limit max_consecutive_nonfinite={a['max_consecutive_nonfinite']}); the last "
+        f"good checkpoint is step {last_saved} in {ckpt.directory}")
+  if primary and reason == "done":
+    print(f"finished step {step}; checkpoint in {ckpt.directory}", flush=True)
+  return {"step": step, "losses": losses, "reason": reason, "checkpoint_dir": ckpt.directory,
+          "last_checkpoint": last_saved, "model_config": cfg}
+
+
+class _Null:
+  def write(self, *_):
+    pass
+
+  def flush(self):
+    pass
+
+  def isatty(self):
+    return False
