@@ -19,7 +19,7 @@ from flax import nnx
 
 from coder_jax.decode import cache as cache_lib
 from coder_jax.decode.attention import get_decode_attention
-from coder_jax.decode.sampling import sample
+from coder_jax.decode.sampling import chosen_logprob, sample
 from coder_jax.model.rope import rope_tables
 
 FINISH = ("length", "eos", "stop")
@@ -28,8 +28,16 @@ _NO_TOKEN = -1
 
 @dataclasses.dataclass(frozen=True)
 class Generated:
+  """Equality compares what was generated (tokens, finish reasons), not the float logprobs,
+  which may differ in the last bits between equivalent programs (scanned or unrolled layers)."""
   tokens: list[list[int]]          # new tokens per row (EOS and what follows excluded)
   finish_reason: list[str]         # "eos", "stop" (a stop token sequence) or "length"
+  # Per row, aligned with tokens: log softmax(logits / temperature) of each token (temperature
+  # 1 when greedy), before top-k / top-p filtering (see sampling.chosen_logprob).
+  logprobs: list[list[float]] = dataclasses.field(default=None, compare=False)
+  # The EOS token's log-probability for rows that finished with "eos" (it is not in tokens,
+  # but a policy gradient should still credit the choice to stop), else None.
+  eos_logprob: list[float | None] = dataclasses.field(default=None, compare=False)
 
 
 def _bucket(n: int, multiple: int = 16) -> int:
@@ -80,7 +88,8 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
   window = jnp.full((b, stop_table.shape[1]), -2, jnp.int32)
   carry = dict(i=jnp.int32(0), cache=cache, logits=logits, done=jnp.zeros((b,), bool),
                reason=jnp.zeros((b,), jnp.int32), window=window,
-               out=jnp.full((b, max_new_tokens), _NO_TOKEN, jnp.int32))
+               out=jnp.full((b, max_new_tokens), _NO_TOKEN, jnp.int32),
+               logp=jnp.zeros((b, max_new_tokens), jnp.float32))
 
   def cond(c):
     return (c["i"] < max_new_tokens) & ~jnp.all(c["done"])
@@ -89,6 +98,7 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
     i = c["i"]
     tok = sample(c["logits"], jax.random.fold_in(key, i), temperature=temperature, top_k=top_k,
                  top_p=top_p)
+    logp = chosen_logprob(c["logits"], tok, temperature=temperature)
     tok = jnp.where(c["done"], _NO_TOKEN, tok)
     window = jnp.concatenate([c["window"][:, 1:], tok[:, None]], axis=1)
     match = jnp.all((stop_table[None] < 0) | (window[:, None, :] == stop_table[None]), axis=-1)
@@ -98,10 +108,11 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
     reason = jnp.where(live & hit_eos, 1, jnp.where(live & hit_stop, 2, c["reason"]))
     logits, cache = _decode_step(model, c["cache"], tok, lengths_B + i, attend_fn)
     return dict(i=i + 1, cache=cache, logits=logits, done=c["done"] | hit_eos | hit_stop,
-                reason=reason, window=window, out=c["out"].at[:, i].set(tok))
+                reason=reason, window=window, out=c["out"].at[:, i].set(tok),
+                logp=c["logp"].at[:, i].set(logp))
 
   final = jax.lax.while_loop(cond, body, carry)
-  return final["out"], final["reason"]
+  return final["out"], final["reason"], final["logp"]
 
 
 def _check_settings(max_new_tokens, temperature, top_k, top_p):
@@ -153,14 +164,18 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
           jnp.int32(-1 if eos_id is None else eos_id), table, live)
   if mesh is not None:
     with jax.set_mesh(mesh):
-      out, reason = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl)
+      out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens,
+                                    attend=attention_impl)
   else:
-    out, reason = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl)
-  out, reason = np.asarray(out)[:n], np.asarray(reason)[:n]
-  tokens = []
-  for row, r in zip(out, reason):
-    row = [int(x) for x in row if x != _NO_TOKEN]
+    out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl)
+  out, reason, logp = np.asarray(out)[:n], np.asarray(reason)[:n], np.asarray(logp)[:n]
+  tokens, logprobs, eos_logprob = [], [], []
+  for row, r, lp in zip(out, reason, logp):
+    k = int(np.sum(row != _NO_TOKEN))     # a row's tokens are a prefix: it only ever stops
+    row, lp = [int(x) for x in row[:k]], [float(x) for x in lp[:k]]
+    eos_logprob.append(lp[-1] if r == 1 else None)
     if r == 1:
-      row = row[:-1]    # the EOS itself
+      row, lp = row[:-1], lp[:-1]    # the EOS itself
     tokens.append(row)
-  return Generated(tokens, [FINISH[int(r)] for r in reason])
+    logprobs.append(lp)
+  return Generated(tokens, [FINISH[int(r)] for r in reason], logprobs, eos_logprob)

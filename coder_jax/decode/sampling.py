@@ -1,4 +1,5 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p (jax only).
+"""Next-token choice from logits: greedy, temperature, top-k, top-p (jax only), and the chosen
+token's log-probability.
 
 The settings are traced values (one compilation serves every setting); a row with
 temperature 0 is greedy. top_k 0 and top_p 1 disable those filters.
@@ -41,3 +42,19 @@ def sample(logits_BV, key, *, temperature, top_k, top_p):
   filtered = filter_logits(scaled, top_k=top_k[:, None], top_p=top_p[:, None])
   drawn_B = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
   return jnp.where(temperature > 0, drawn_B, greedy_B)
+
+
+def chosen_logprob(logits_BV, tokens_B, *, temperature):
+  """[B] float32 log softmax(logits / temperature)[token] (temperature 0, greedy, counts as 1).
+
+  Taken before top-k / top-p filtering, on purpose: it is the log-probability under the
+  tempered model distribution, which the training forward reproduces (token_logprobs with the
+  same temperature) and which GRPO's ratio and KL are defined on; the filtered distribution
+  would depend on sampler settings the training side never sees (and gives -inf to tokens the
+  filters cut).
+  """
+  b = logits_BV.shape[0]
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+  scaled = logits_BV.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  picked = jnp.take_along_axis(scaled, jnp.maximum(tokens_B, 0)[:, None], axis=-1)[:, 0]
+  return picked - jax.nn.logsumexp(scaled, axis=-1)
