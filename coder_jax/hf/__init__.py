@@ -63,7 +63,7 @@ def load_config(path: str, **runtime) -> ModelConfig:
   return config_from_hf(read_config_json(path), **runtime)
 
 
-def _tensor_files(path: str) -> dict[str, SafetensorsFile]:
+def tensor_files(path: str) -> dict[str, SafetensorsFile]:
   """Hub name -> the open file that holds it (single file, index, or every *.safetensors)."""
   index = os.path.join(path, INDEX_NAME)
   if os.path.exists(index):
@@ -152,15 +152,20 @@ def load(path: str, dtype=jnp.float32, *, mesh=None, compute_dtype=None, **runti
     raise TypeError("param_dtype: pass the parameter dtype as dtype= (activations: compute_dtype=)")
   pname = jnp.dtype(dtype).name
   cfg = load_config(path, param_dtype=pname, dtype=jnp.dtype(compute_dtype or dtype).name, **runtime)
-  where = _tensor_files(path)
-  specs = tensor_specs(cfg)
+  return build_model(tensor_files(path), tensor_specs(cfg), cfg, DeepseekV2, mesh)
+
+
+def build_model(where: dict[str, SafetensorsFile], specs: list[TensorSpec], cfg: ModelConfig,
+                model_cls, mesh=None):
+  """model_cls(cfg, rngs=...) with every parameter read from the tensors `where` by `specs`
+  (shared by the causal LM and the reward model, whose specs add a prefix and a head)."""
   _check(specs, where, cfg)
   groups: dict[tuple, list[TensorSpec]] = {}
   for s in specs:
     if s.path is None:
       continue
     groups.setdefault(s.path, []).append(s)
-  abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   device = jax.devices()[0]
   for p, var in nnx.to_flat_state(state):
@@ -222,8 +227,17 @@ def save(model: DeepseekV2, out_dir: str, *, dtype=None, max_shard_size="5GB",
                               model_max_length=cfg.max_position_embeddings)
     # The tokenizer put these ids in the training data, so they are the model's.
     config.update(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
+  return write_export(model, tensor_specs(cfg), out_dir, config, extra, save_dtype,
+                      max_shard_size)
+
+
+def write_export(model, specs: list[TensorSpec], out_dir: str, config: dict, extra: dict,
+                 save_dtype, max_shard_size) -> str:
+  """Streams `model`'s tensors named by `specs` into shards, with config.json and the `extra`
+  files, into a directory beside out_dir renamed into place only at the end (the caller has
+  checked out_dir with check_target)."""
+  out_dir = os.path.abspath(out_dir)
   flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
-  specs = tensor_specs(cfg)
   by_name = {s.name: s for s in specs}
   for s in specs:
     if s.path is None:
