@@ -17,6 +17,7 @@ def launch(stage=gin.REQUIRED, dry_run: bool = False):
 
 def register_all():
   """Import every stage module so their gin configurables exist before parsing."""
-  from coder_jax.stages import demo, pretrain  # noqa: F401
+  from coder_jax.stages import demo, grpo, pretrain, reward_model  # noqa: F401
   from coder_jax.train import data, losses, optim  # noqa: F401
+  from coder_jax.data import chat  # noqa: F401
   from coder_jax.parallel import mesh  # noqa: F401

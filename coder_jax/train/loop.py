@@ -15,7 +15,9 @@ MODEL_DIR). Every stage then gets the same behaviour:
 The stream protocol: `next(stream)` -> dict of numpy arrays [rows, ...] (this host's rows);
 `stream.state()` -> JSON-able position saved with each checkpoint; optional
 `stream.tokenizer_path`; a stream with `needs_state = True` is asked `stream.next_with(state)`
-instead (on-policy sampling reads the current parameters).
+instead (on-policy sampling reads the current parameters); optional `stream.host_metrics()`
+-> {name: number} measured on the host for the batch just given (rewards, sampling time), logged
+with its step.
 """
 
 from __future__ import annotations
@@ -136,11 +138,12 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
         keep_checkpoints: int | None = 3, async_checkpoints: bool = True, log_every: int = 1,
         max_consecutive_nonfinite: int = 5, nan_injection_steps: tuple = (),
         flops_per_token: float | None = None, peak_tflops_per_device: float | None = None,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, evaluate: Callable | None = None) -> dict:
   """Train until `train_steps`, resuming from MODEL_DIR's newest intact checkpoint.
 
   make_step(graphdef) -> the (unjitted) train step; params() -> the initial parameters of a
-  fresh run (None: from `seed`), called only when there is nothing to resume."""
+  fresh run (None: from `seed`), called only when there is nothing to resume. evaluate(graphdef,
+  state) -> {name: number}: held-out metrics, logged (as eval_<name>) at every checkpoint."""
   if train_steps < 1 or checkpoint_every < 1:
     raise ValueError("train_steps and checkpoint_every must be >= 1")
   nproc = jax.process_count()
@@ -210,12 +213,13 @@ def _run(ckpt, a: dict) -> dict:
     nonlocal pending, consecutive, t_prev, progress
     if pending is None:
       return
-    s, m = pending
+    s, m, host = pending
     pending = None
     m = jax.device_get(m)
     now = time.perf_counter()
     dt, t_prev = now - t_prev, now
     v = log_values(m, dt, tokens_per_step, a["flops_per_token"], peak, jax.device_count())
+    v.update(host)
     losses[s] = v["loss"]
     if v["skipped"]:
       consecutive += 1
@@ -236,6 +240,7 @@ def _run(ckpt, a: dict) -> dict:
       while step < train_steps:
         local = (stream.next_with(state) if getattr(stream, "needs_state", False)
                  else next(stream))
+        host = stream.host_metrics() if hasattr(stream, "host_metrics") else {}
         batch = {k: place(k, v) for k, v in local.items() if k in objective.batch_axes}
         if poison:
           batch["nan_poison"] = jax.device_put(
@@ -243,7 +248,7 @@ def _run(ckpt, a: dict) -> dict:
         state, m = step_fn(state, batch)
         settle()    # the previous step's metrics, read while this one runs
         step += 1
-        pending = (step, m)
+        pending = (step, m, host)
         if consecutive >= a["max_consecutive_nonfinite"]:
           reason = "nonfinite"
           break
@@ -251,6 +256,11 @@ def _run(ckpt, a: dict) -> dict:
         done_here = a["stop_after"] is not None and step - start >= a["stop_after"]
         forced = stop or done_here or step == train_steps
         if forced or step % a["checkpoint_every"] == 0:
+          if a["evaluate"] is not None:   # logged in this step's row
+            scores = {f"eval_{k}": float(v) for k, v in a["evaluate"](graphdef, state).items()}
+            pending[2].update(scores)
+            print(f"\nstep {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+                  file=sys.stderr if primary else _Null(), flush=True)
           settle()   # a save point needs this step's verdict
           if consecutive >= a["max_consecutive_nonfinite"]:
             reason = "nonfinite"
