@@ -106,3 +106,22 @@ def test_model_dir_that_cannot_be_written_is_one_line(kind, tmp_path, capsys):
     if kind == "read_only":
       subprocess.run(["umount", str(target)], check=True)
   assert (target.read_text() == "not a directory") if kind == "file" else not any(target.iterdir())
+
+
+@pytest.mark.parametrize("name, devices, flags, params_gib", [
+    ("coder_v2_lite_sft", 8, ["HF_CHECKPOINT", "SFT_DATA", "TOKENIZER"], 7.31),
+    ("coder_v2_sft", 256, ["HF_CHECKPOINT", "SFT_DATA", "TOKENIZER"], 3.43),
+    ("coder_v2_lite_grpo", 8, ["POLICY", "REWARD_MODEL", "TOKENIZER"], 7.31),
+    ("coder_v2_grpo", 256, ["POLICY", "REWARD_MODEL", "TOKENIZER"], 3.43),
+])
+def test_post_training_experiments_dry_run_on_their_meshes(name, devices, flags, params_gib,
+                                                            capsys):
+  stage = "grpo" if "grpo" in name else "sft"
+  gin.clear_config()
+  report = entry.main([f"--gin_file=gin_configs/experiments/{name}.gin", "--dry_run",
+                       "--gin.MODEL_DIR='/tmp/unused'", f"--gin.{stage}.dry_run_devices={devices}"]
+                      + [f"--gin.{f}='/not/here/{f.lower()}'" for f in flags])
+  gin.clear_config()
+  assert report["num_devices"] == devices
+  assert round(report["params_bytes_per_device"] / 2**30, 2) == params_gib
+  assert "is not on this machine" in capsys.readouterr().out

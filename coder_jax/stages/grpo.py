@@ -247,9 +247,11 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
          seed: int = 0, init_from_hf: str | None = None, init_from_checkpoint: str | None = None,
          init_step: int | None = None, checkpoint_every: int = 50,
          keep_checkpoints: int | None = 3, async_checkpoints: bool = True, log_every: int = 1,
-         max_consecutive_nonfinite: int = 5, stop_after: int | None = None):
+         max_consecutive_nonfinite: int = 5, stop_after: int | None = None,
+         dry_run: bool = False, dry_run_devices: int | None = None):
   """GRPO from a policy (init_from_checkpoint: an SFT run's MODEL_DIR, or init_from_hf); one
-  step is one policy update on prompts_per_step x group_size samples."""
+  step is one policy update on prompts_per_step x group_size samples. dry_run: the mesh and
+  per-device memory of the policy's train state (the reference and reward model come on top)."""
   if not isinstance(group_size, int) or group_size < 2:
     raise ValueError(f"grpo: group_size must be >= 2 (advantages compare a prompt's samples); "
                      f"got {group_size}")
@@ -261,7 +263,15 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   reward.check()
   from coder_jax import problems as problem_set
   from coder_jax.data.tokenizer import load_tokenizer
-  cfg = loop.resolve_model_config(init_from_hf, compute_dtype, init_from_checkpoint, init_step)
+  cfg = loop.resolve_model_config(init_from_hf, compute_dtype, init_from_checkpoint, init_step,
+                                  dry_run=dry_run)
+  if dry_run:
+    from coder_jax.stages.pretrain import dry_run_report
+    optimizer, _ = make_optimizer(optimizer_config or OptimizerConfig(), train_steps)
+    return dry_run_report(cfg, mesh_config or MeshConfig(), optimizer,
+                          num_devices=dry_run_devices or jax.device_count(),
+                          batch_size=prompts_per_step * group_size, seq_len=seq_len,
+                          grad_accum_steps=1)
   tok = load_tokenizer(prompts.tokenizer)
   n_tok = tok.get_vocab_size(with_added_tokens=True)
   if n_tok > cfg.vocab_size:

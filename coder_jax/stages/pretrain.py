@@ -84,7 +84,8 @@ def train_lm(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   mesh_cfg = mesh_config or MeshConfig()
   opt_cfg = optimizer_config or OptimizerConfig()
   alphas = balance_loss or BalanceLossConfig()
-  cfg = resolve_model_config(init_from_hf, compute_dtype, init_from_checkpoint, init_step)
+  cfg = resolve_model_config(init_from_hf, compute_dtype, init_from_checkpoint, init_step,
+                             dry_run=dry_run)
   optimizer, schedule = make_optimizer(opt_cfg, train_steps)
   if dry_run:
     check_balance(cfg, alphas)

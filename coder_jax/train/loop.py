@@ -53,15 +53,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_model_config(init_from_hf: str | None, compute_dtype: str,
-                         init_from_checkpoint: str | None = None, init_step: int | None = None):
+                         init_from_checkpoint: str | None = None, init_step: int | None = None,
+                         dry_run: bool = False):
   """The gin model config, or the architecture of the checkpoint a run starts from (HF
   config.json or another run's stored config) with the gin runtime fields; master weights are
-  always float32."""
+  always float32. A dry run whose checkpoint is not on this machine uses the gin config."""
   if init_from_hf and init_from_checkpoint:
     raise ValueError("init_from_hf and init_from_checkpoint: set one, not both")
   gin_cfg = get_config()
   runtime = {f: getattr(gin_cfg, f) for f in RUNTIME_FIELDS}
   runtime.update(dtype=compute_dtype, param_dtype="float32")
+  source = init_from_hf or init_from_checkpoint
+  if dry_run and source and not os.path.exists(source):
+    print(f"note: {source} is not on this machine; the dry run uses gin's model_config",
+          flush=True)
+    return gin_cfg.replace(**runtime)
   if init_from_hf:
     from coder_jax import hf
     return hf.load_config(init_from_hf, **runtime)
