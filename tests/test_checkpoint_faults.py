@@ -150,3 +150,25 @@ def test_resume_with_a_changed_computation_field_names_it(base, tmp_path):
   # A runtime field (how the same function is computed) may change.
   res = _pretrain(run, STEPS + 1, gin={"model_config.remat_policy": "full"})
   assert sorted(res["losses"]) == [5]
+
+
+def test_export_from_damaged_or_relative_paths_is_one_line(base, tmp_path, capsys, monkeypatch):
+  """`hf export` of a run whose every step is damaged is one line and exit 2; a relative
+  --checkpoint path works (Orbax wants absolute ones)."""
+  from coder_jax.hf.__main__ import main as hf_main
+  from coder_jax.model.checkpoint import save_model
+  run = tmp_path / "run"
+  shutil.copytree(base[0], run)
+  for step in ("2", "4"):
+    _damage(run / "checkpoints" / step, "empty_dir")
+  capsys.readouterr()
+  assert hf_main(["export", "--train_dir", str(run), "--out", str(tmp_path / "hf")]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines[-1].startswith("error: ") and "no checkpoint restores (damaged steps: 4, 2)" in lines[-1]
+  assert [l.split(" in ")[0] for l in lines[:-1]] == ["checkpoint step 4", "checkpoint step 2"]
+  assert not os.path.exists(tmp_path / "hf")
+  model, _ = load_params(str(base[0]), 2)
+  save_model(model, str(tmp_path / "native"))
+  monkeypatch.chdir(tmp_path)
+  assert hf_main(["export", "--checkpoint", "native", "--out", "hf_rel"]) == 0
+  assert os.path.exists(tmp_path / "hf_rel" / "config.json")
