@@ -244,3 +244,14 @@ def test_bad_rates_and_missing_splits_are_clear_errors(corpus):
   if missing:
     with pytest.raises(ValueError, match=f"^split: code_{missing[0]} has no 'train' data"):
       next(Pipeline(_cfg(corpus, task=f"code_{missing[0]}")))
+
+
+def test_close_stops_the_stream_and_next_continues_where_it_was(corpus):
+  straight = _take(Pipeline(_cfg(corpus, seed=3)), 4)
+  pipe = Pipeline(_cfg(corpus, seed=3))
+  assert pipe.tokenizer_path == os.path.abspath(corpus["tok"])
+  first = _take(pipe, 2)
+  pipe.close()
+  assert pipe._rows is None  # the tf.data iterator is gone
+  for x, y in zip(straight, first + _take(pipe, 2)):
+    assert all(np.array_equal(x[k], y[k]) for k in x)

@@ -1,6 +1,7 @@
 """TFDS builder over local code corpora (directory trees and JSONL), no download.
 
-One pass reads the corpus (coder_jax.data.corpus: robust reading, deduplication, hash split) and
+One pass reads the corpus (coder_jax.data.corpus: robust reading, deduplication, hash split), cuts
+documents longer than `max_doc_chars` into parts (all parts of one document in its split), and
 spills each document to a temporary JSONL file per (split, language); TFDS then writes one split
 per (split, language), e.g. `train_python`, so a per-language SeqIO task reads only its own
 records. Build statistics go to `build_stats.json` in the dataset directory.
@@ -16,19 +17,20 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
-from coder_jax.data.corpus import BuildStats, check_sources, iter_documents, split_of
-from coder_jax.data.tasks import TFDS_NAME, language_split
-
-STATS_NAME = "build_stats.json"
+from coder_jax.data.corpus import (MAX_DOC_CHARS, BuildStats, check_sources, cut_long,
+                                   iter_documents, split_of)
+from coder_jax.data.layout import STATS_NAME, TFDS_NAME
+from coder_jax.data.tasks import language_split
 
 
 class CodeCorpusConfig(tfds.core.BuilderConfig):
   def __init__(self, *, sources, max_file_bytes: int = 1 << 20,
-               validation_fraction: float = 0.01, **kwargs):
+               validation_fraction: float = 0.01, max_doc_chars: int = MAX_DOC_CHARS, **kwargs):
     super().__init__(**kwargs)
     self.sources = tuple(os.path.abspath(s) for s in sources)
     self.max_file_bytes = max_file_bytes
     self.validation_fraction = validation_fraction
+    self.max_doc_chars = max_doc_chars
 
 
 class CodeCorpus(tfds.core.GeneratorBasedBuilder):
@@ -53,16 +55,23 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
     self._spill = tempfile.mkdtemp(prefix="code_corpus_spill_")
     handles, per_split_language = {}, {}
     try:
-      for doc in iter_documents(cfg.sources, self.build_stats, max_file_bytes=cfg.max_file_bytes):
-        split = split_of(doc.key, cfg.validation_fraction)
-        self.build_stats.add(doc, split)
-        name = language_split(split, doc.lang)
+      for whole in iter_documents(cfg.sources, self.build_stats,
+                                  max_file_bytes=cfg.max_file_bytes):
+        split = split_of(whole.key, cfg.validation_fraction)  # no document straddles two splits
+        parts = cut_long(whole, cfg.max_doc_chars)
+        del whole
+        if len(parts) > 1:
+          self.build_stats.cut_documents += 1
+        name = language_split(split, parts[0].lang)
         if name not in handles:
           handles[name] = open(os.path.join(self._spill, name + ".jsonl"), "w")
-        handles[name].write(json.dumps({"text": doc.text, "lang": doc.lang, "path": doc.path,
-                                        "key": doc.key}) + "\n")
-        counts = per_split_language.setdefault(split, {})
-        counts[doc.lang] = counts.get(doc.lang, 0) + len(doc.text)
+        while parts:
+          doc = parts.pop(0)
+          self.build_stats.add(doc, split)
+          handles[name].write(json.dumps({"text": doc.text, "lang": doc.lang, "path": doc.path,
+                                          "key": doc.key}) + "\n")
+          counts = per_split_language.setdefault(split, {})
+          counts[doc.lang] = counts.get(doc.lang, 0) + len(doc.text)
     finally:
       for h in handles.values():
         h.close()
@@ -80,21 +89,44 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
         yield rec["key"], rec
 
 
+def config_name(sources, *, max_file_bytes: int = 1 << 20, validation_fraction: float = 0.01,
+                max_doc_chars: int = MAX_DOC_CHARS) -> str:
+  """A hash of the sources and settings, so a different corpus in the same DATA_DIR is a
+  different dataset rather than a stale reuse."""
+  spec = [sorted(os.path.abspath(s) for s in sources), max_file_bytes, validation_fraction]
+  if max_file_bytes > max_doc_chars:  # only then can documents be cut (names of others stay)
+    spec.append(max_doc_chars)
+  return "src_" + hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+
+
+def check_settings(data_dir: str, max_file_bytes: int, validation_fraction: float,
+                   max_doc_chars: int) -> None:
+  """Bad settings as one-line errors before TFDS creates anything."""
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f"{data_dir}: exists and is not a directory (a DATA_DIR must be one)")
+  if max_file_bytes < 1:
+    raise ValueError(f"max_file_bytes: must be positive, got {max_file_bytes}")
+  if max_doc_chars < 2:
+    raise ValueError(f"max_doc_chars: must be at least 2, got {max_doc_chars}")
+  if not 0 <= validation_fraction < 1:  # also rejects NaN
+    raise ValueError(f"validation_fraction: must be in [0, 1), got {validation_fraction!r}")
+
+
 def build(sources, data_dir: str, *, name: str | None = None, max_file_bytes: int = 1 << 20,
-          validation_fraction: float = 0.01) -> tuple[str, dict]:
+          validation_fraction: float = 0.01,
+          max_doc_chars: int = MAX_DOC_CHARS) -> tuple[str, dict]:
   """Build (or reuse) the dataset; returns (dataset directory, build statistics dict).
 
-  The config name defaults to a hash of the sources and settings, so a different corpus in the
-  same DATA_DIR is a different dataset rather than a stale reuse.
+  The config name defaults to `config_name` of the sources and settings.
   """
   sources = check_sources(sources)  # before TFDS creates any directory
+  check_settings(data_dir, max_file_bytes, validation_fraction, max_doc_chars)
   if name is None:
-    spec = json.dumps([sorted(os.path.abspath(s) for s in sources), max_file_bytes,
-                       validation_fraction])
-    name = "src_" + hashlib.sha256(spec.encode()).hexdigest()[:12]
+    name = config_name(sources, max_file_bytes=max_file_bytes,
+                       validation_fraction=validation_fraction, max_doc_chars=max_doc_chars)
   builder = CodeCorpus(data_dir=data_dir, config=CodeCorpusConfig(
       name=name, sources=sources, max_file_bytes=max_file_bytes,
-      validation_fraction=validation_fraction, version="1.0.0"))
+      validation_fraction=validation_fraction, max_doc_chars=max_doc_chars, version="1.0.0"))
   tfds.disable_progress_bar()
   stats_path = os.path.join(builder.data_dir, STATS_NAME)
   if os.path.exists(stats_path):

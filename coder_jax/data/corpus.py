@@ -20,6 +20,7 @@ import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
 
+from coder_jax.data.cuts import chunk_bounds
 from coder_jax.data.languages import language_of, normalize_language
 
 SKIP_REASONS: tuple[str, ...] = (
@@ -32,6 +33,11 @@ EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".gi
 
 _BINARY_PROBE = 8192
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+# Documents longer than this many characters are cut into parts when a corpus is built, so no later
+# stage (FIM, tokenizing, packing) ever holds more of one document: what one file costs there is
+# bounded by this, not by --max_file_bytes. 1 Mi characters keeps whole any file under the default
+# 1 MiB cap, and a part still fills a 128K-token context.
+MAX_DOC_CHARS = 1 << 20
 
 
 class CorpusError(ValueError):
@@ -53,6 +59,7 @@ class BuildStats:
   documents: int = 0
   characters: int = 0
   duplicates: int = 0
+  cut_documents: int = 0  # longer than the part size; each of their parts counts as a document
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
   per_language: dict[str, dict] = dataclasses.field(default_factory=dict)
   splits: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -103,7 +110,7 @@ class BuildStats:
   def format(self) -> str:
     rows = [("files seen", self.files_seen), ("files read", self.files_read),
             ("documents", self.documents), ("characters", self.characters),
-            ("duplicates", self.duplicates)]
+            ("duplicates", self.duplicates), ("cut into parts", self.cut_documents)]
     rows += [(f"split {s}", n) for s, n in sorted(self.splits.items())]
     lines = ["totals:"] + [f"  {name:<22}{n:>16,}" for name, n in rows]
     lines.append("skipped:")
@@ -129,6 +136,22 @@ def split_of(key: str, validation_fraction: float = 0.01) -> str:
   # 64 hash bits as a uniform number in [0, 1).
   position = int.from_bytes(digest[:8], "big") / 2**64
   return "validation" if position < validation_fraction else "train"
+
+
+def cut_long(doc: Document, max_chars: int = MAX_DOC_CHARS) -> list[Document]:
+  """[doc] when it has at most max_chars characters, else its consecutive parts of at most
+  max_chars characters (cut where `cuts` says, so the parts tokenize as the whole), keyed
+  "{key}#{i}/{n}" with i from 1. A tree key "a/b.py#1/3" cannot collide with a file's key: a
+  file named "3" has no language.
+  """
+  if max_chars < 2:
+    raise ValueError(f"max_doc_chars: must be at least 2, got {max_chars}")
+  if len(doc.text) <= max_chars:
+    return [doc]
+  bounds = list(chunk_bounds(doc.text, max_chars))
+  n = len(bounds)
+  return [dataclasses.replace(doc, key=f"{doc.key}#{i}/{n}", text=doc.text[a:b])
+          for i, (a, b) in enumerate(bounds, start=1)]
 
 
 def default_sources(include_c_headers: bool = False) -> list[str]:

@@ -6,11 +6,15 @@ A batch is a dict of int32 [batch, seq_len] numpy arrays in the model's packed-s
 `inputs` (BOS-shifted targets per segment), `targets`, `segment_ids` (0 = padding), `positions`
 (restart per segment) and `loss_weights`. Resuming skips deterministically to the next batch:
 the stream is a pure function of (seed, shard), so `state()` is just the batch count.
+`tokenizer_path` names the tokenizer.json the tokens come from, for a run to record.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -77,6 +81,17 @@ def _row(pieces: list[np.ndarray], seq_len: int, bos_id: int) -> dict:
   return row
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+  # A tf.data iterator still running py_function work when the interpreter finalizes can hang
+  # the exit for good; stopping it while Python is whole avoids that.
+  for p in list(_OPEN):
+    p.close()
+
+
 class Pipeline:
   """Iterator over numpy batches for one host (shard `shard_index` of `num_shards`)."""
 
@@ -90,6 +105,15 @@ class Pipeline:
     self.batches = start_batch  # batches consumed, counting those a resume skips
     self.num_epochs = num_epochs
     self._rows = None
+    tok = os.path.abspath(cfg.tokenizer)  # the file, also when cfg names an HF model directory
+    self.tokenizer_path = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
+    _OPEN.add(self)
+
+  def close(self) -> None:
+    """Stops the tf.data work behind the stream; a later next() restarts it where it was."""
+    rows, self._rows = self._rows, None
+    if rows is not None:
+      rows.close()
 
   def pieces(self):
     """The mixture's (or task's) token pieces for this shard: FIM'd, EOS'd, split, sampled."""

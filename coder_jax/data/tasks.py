@@ -17,9 +17,8 @@ import seqio
 import tensorflow as tf
 
 from coder_jax.data.fim import FimConfig, FimIds, fim_tokens
+from coder_jax.data.layout import STATS_NAME
 from coder_jax.data.tokenizer import make_vocabulary
-
-TFDS_NAME = "code_corpus"
 
 
 def safe_name(lang: str) -> str:
@@ -92,6 +91,10 @@ def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = 
   vocab = make_vocabulary(tokenizer_path)
   features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
   langs = sorted(l for l, c in stats["per_language"].items() if c["documents"])
+  have = sorted(s for s, per in stats["per_split_language"].items() if per)
+  if rate_split not in have:
+    raise ValueError(f"split: this corpus has no {rate_split!r} data (it has: "
+                     f"{', '.join(have) or 'none'})")
   if rates is None:
     rates = token_rates(data_dir, stats, vocab, langs, split=rate_split)
   else:
@@ -133,7 +136,7 @@ def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = 
 
 
 def load_build_stats(data_dir: str) -> dict:
-  path = os.path.join(data_dir, "build_stats.json")
+  path = os.path.join(data_dir, STATS_NAME)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: missing; build the corpus with `python -m coder_jax.data "
                             "build --source PATH --out DATA_DIR` first")

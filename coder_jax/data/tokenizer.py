@@ -32,6 +32,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from coder_jax.data.cuts import chunks
+
 if TYPE_CHECKING:
   import seqio
 
@@ -47,6 +49,9 @@ SPECIAL_TOKENS = (BOS, EOS, FIM_BEGIN, FIM_HOLE, FIM_END)
 TRAINED_SPECIAL_TOKENS = (PAD,) + SPECIAL_TOKENS
 
 _NUM_BYTE_SYMBOLS = 256
+# Longest text handed to the Rust tokenizer in one call (longer ones go in pieces, cuts.py):
+# an encoding costs some 400 bytes per token, so this bounds one call to ~10 MB.
+ENCODE_CHUNK_CHARS = 1 << 16
 
 
 # --- Training and loading.
@@ -66,6 +71,11 @@ def _new_bpe(split_digits: bool) -> tokenizers.Tokenizer:
   return tok
 
 
+def min_vocab_size() -> int:
+  """The smallest vocab_size `train_tokenizer` accepts."""
+  return _NUM_BYTE_SYMBOLS + len(TRAINED_SPECIAL_TOKENS) + 1
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | None = None,
                     min_frequency: int = 2, *, split_digits: bool = True) -> tokenizers.Tokenizer:
   """Trains a byte-level BPE on `texts`; specials get ids 0..5 (see module docstring).
@@ -73,7 +83,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | None 
   Every byte is in the initial alphabet, so any string encodes without UNK and
   decodes back exactly. Writes `tokenizer.json` to `out_path` when given.
   """
-  floor = _NUM_BYTE_SYMBOLS + len(TRAINED_SPECIAL_TOKENS)
+  floor = min_vocab_size() - 1
   if vocab_size <= floor:
     raise ValueError(f"vocab_size={vocab_size} must be > {floor} "
                      f"(256 byte symbols + {len(TRAINED_SPECIAL_TOKENS)} special tokens)")
@@ -98,7 +108,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | None 
   return tok
 
 
-def _resolve_path(path: str) -> str:
+def resolve_path(path: str) -> str:
+  """The tokenizer.json a path names: the file, or the one in an HF model directory."""
   path = os.fspath(path)
   if os.path.isdir(path):
     # Accept an HF model directory as well as the file itself.
@@ -122,7 +133,7 @@ def _check_specials(tok: tokenizers.Tokenizer, where: str) -> None:
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
   """Loads a `tokenizer.json` (or a directory holding one) and checks DeepSeek's specials."""
-  path = _resolve_path(path)
+  path = resolve_path(path)
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -156,7 +167,7 @@ def _cached_load(path: str, mtime_ns: int, size: int,
 
 
 def _load_with_digest(path: str, text_mode: bool = False) -> tuple[tokenizers.Tokenizer, str]:
-  path = os.path.abspath(_resolve_path(path))
+  path = os.path.abspath(resolve_path(path))
   st = os.stat(path)
   return _cached_load(path, st.st_mtime_ns, st.st_size, text_mode)
 
@@ -187,7 +198,7 @@ def _vocabulary_class() -> type:
     """
 
     def __init__(self, path: str):
-      self._path = os.path.abspath(_resolve_path(path))
+      self._path = os.path.abspath(resolve_path(path))
       self._tok: tokenizers.Tokenizer | None = None
       self._digest: str | None = None
       super().__init__(extra_ids=0)
@@ -252,7 +263,14 @@ def _vocabulary_class() -> type:
       return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _encode(self, s: str) -> list[int]:
-      return self.tokenizer.encode(s, add_special_tokens=False).ids
+      # In pieces: one encoding of a whole multi-megabyte text would take gigabytes (cuts.py).
+      tok = self.tokenizer
+      if len(s) <= ENCODE_CHUNK_CHARS:
+        return tok.encode(s, add_special_tokens=False).ids
+      ids: list[int] = []
+      for piece in chunks(s, ENCODE_CHUNK_CHARS):
+        ids += tok.encode(piece, add_special_tokens=False).ids
+      return ids
 
     def _clean(self, ids: Sequence[int]) -> list[int]:
       """Validates ids, cuts after the first EOS and drops pad control ids."""
@@ -289,9 +307,12 @@ def _vocabulary_class() -> type:
 
       def encode_batch(x: tf.Tensor) -> tuple[np.ndarray, np.ndarray]:
         texts = [b.decode("utf-8") for b in x.numpy().tolist()]
-        encs = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        flat = np.asarray([i for e in encs for i in e.ids], np.int32)
-        return flat, np.asarray([len(e.ids) for e in encs], np.int32)
+        if any(len(t) > ENCODE_CHUNK_CHARS for t in texts):
+          encs = [self._encode(t) for t in texts]
+        else:
+          encs = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        flat = np.asarray([i for e in encs for i in e], np.int32)
+        return flat, np.asarray([len(e) for e in encs], np.int32)
 
       flat, lengths = tf.py_function(encode_batch, [s], [tf.int32, tf.int32])
       flat.set_shape([None])
@@ -420,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--no_split_digits", action="store_true",
                       help="let BPE merge digit runs instead of one token per digit")
   args = parser.parse_args(argv)
+  parent = os.path.dirname(os.path.abspath(args.out))
+  if os.path.isdir(args.out) or (os.path.exists(parent) and not os.path.isdir(parent)):
+    parser.error(f"--out: {args.out} cannot be written as a file (give a tokenizer.json path)")
+  missing = [s for s in args.source if not os.path.exists(s)]
+  if missing:
+    parser.error(f"--source: {', '.join(missing)} does not exist")
 
   texts = list(iter_text_files(args.source, args.max_docs))
   if not texts:
@@ -427,8 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     tok = train_tokenizer(texts, args.vocab_size, args.out, args.min_frequency,
                           split_digits=not args.no_split_digits)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     parser.error(str(e))
+  except Exception as e:  # the Rust side reports a failed save as a bare Exception
+    parser.error(f"--out: {args.out}: {e}")
   ids = {t: tok.token_to_id(t) for t in TRAINED_SPECIAL_TOKENS}
   print(f"trained on {len(texts)} files ({sum(map(len, texts))} chars) -> {args.out}")
   print(f"vocab size: {tok.get_vocab_size(with_added_tokens=True)}")

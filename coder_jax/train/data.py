@@ -1,12 +1,14 @@
 """Where a run's batches come from. Each host reads only its own rows of the global batch.
 
-- `code_data`: the code mixture of `coder_jax.data` (built into DATA_DIR on first use, from the
-  embedded default corpus unless sources are given). Host i of n reads shard i of n; the stream
-  is a function of (seed, shard), so it depends on the number of hosts.
+- `CodeData`: the code mixture of `coder_jax.data` over the corpus DATA_DIR holds (see
+  `coder_jax.data.prepare.for_training`: the one built there, the one named by `dataset` or
+  `sources`, or the embedded default corpus built into a new DATA_DIR). Host i of n reads shard
+  i of n; the stream is a function of (seed, shard), so it depends on the number of hosts.
 - `synthetic_data`: random packed rows, a pure function of (seed, step, global row index), so
   every host count and mesh sees the same global batch (for benchmarks and equivalence tests).
 Both give numpy dicts inputs/targets/segment_ids/positions/loss_weights of int32 [rows, seq_len]
-and resume from a batch count.
+and resume from a batch count. A stream's `tokenizer_path` is the absolute path of the
+tokenizer.json its tokens come from (None for synthetic data), for the run to record.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 class CodeData:
   data_dir: str = gin.REQUIRED
   mixture_or_task_name: str = "code_mixture"   # or one language's task, e.g. "code_python"
-  sources: tuple[str, ...] | None = None    # default: the embedded corpus
+  sources: tuple[str, ...] | None = None    # build/read this corpus; default: see the docstring
+  dataset: str | None = None                # or read the build of this name (`data build` says)
   tokenizer: str | None = None              # default: DATA_DIR/tokenizer.json (trained if absent)
   vocab_size: int | None = None             # of a tokenizer trained here; default: the model's
   fim_rate: float = 0.5
@@ -36,17 +39,19 @@ class CodeData:
            start_batch: int):
     from coder_jax.data.fim import FimConfig
     from coder_jax.data.pipeline import DataConfig, Pipeline
-    from coder_jax.data.prepare import prepare
+    from coder_jax.data.prepare import for_training
     from coder_jax.data.tokenizer import load_tokenizer
     import jax
-    args = (self.data_dir, list(self.sources) if self.sources else None)
+    if isinstance(self.sources, str):  # gin: CodeData.sources = '/src' instead of ['/src']
+      raise ValueError(f"CodeData.sources: a list of paths, got the string {self.sources!r}")
+    args = (self.data_dir, list(self.sources) if self.sources else None, self.dataset)
     kw = dict(vocab_size=self.vocab_size or model_vocab, tokenizer=self.tokenizer)
     if jax.process_count() > 1:  # one host builds a shared DATA_DIR, the others then reuse it
       from jax.experimental import multihost_utils
       if jax.process_index() == 0:
-        prepare(*args, **kw)
+        for_training(*args, **kw)
       multihost_utils.sync_global_devices("coder_jax: data prepared")
-    dataset_dir, tok = prepare(*args, **kw)
+    dataset_dir, tok = for_training(*args, **kw)
     n = load_tokenizer(tok).get_vocab_size(with_added_tokens=True)
     if n > model_vocab:
       raise ValueError(f"vocab_size: the tokenizer {tok} has {n} tokens but the model's "
@@ -63,6 +68,8 @@ class CodeData:
 
 
 class SyntheticStream:
+  tokenizer_path = None  # random ids: no tokenizer made them
+
   def __init__(self, vocab: int, global_batch: int, seq_len: int, seed: int, rows: range,
                start_batch: int, max_segments: int):
     self.vocab, self.global_batch, self.seq_len, self.seed = vocab, global_batch, seq_len, seed
