@@ -7,6 +7,9 @@
     python -m coder_jax.eval perplexity --checkpoint PATH --data_dir DATA_DIR
         [--split validation] [--batches N] [--batch_size 8] [--seq_len 512] [--tokenizer PATH]
         [--task code_python] [--fim_rate 0.0] [--step N]
+    python -m coder_jax.eval niah --checkpoint PATH --lengths 1k,2k,4k --out DIR
+        [--depths 0,0.25,0.5,0.75,1] [--max_new_tokens 8] [--seed 0] [--haystack PATH]
+        [--batch_size B] [--tokenizer PATH] [--step N]
 
 PATH is a Hugging Face directory (config.json + safetensors, tokenizer.json if present) or a
 training MODEL_DIR (Orbax checkpoints; latest step unless --step). The summary goes to stdout,
@@ -16,6 +19,9 @@ checked before the model loads.
 humaneval appends each batch of scored samples to --out as it goes. An existing --out is refused
 unless --resume (score only the samples it lacks, with the flags that wrote it, then report
 pass@k over all of them) or --overwrite (start it afresh) is given.
+
+niah writes DIR/niah.json (length x depth -> retrieval score) and DIR/niah.png (the heat map);
+a length beyond the model's max_position_embeddings is refused before the weights load.
 """
 
 from __future__ import annotations
@@ -76,8 +82,19 @@ def parse_flags(argv):
   p.add_argument("--batches", type=_positive, help="default: the whole split")
   p.add_argument("--seq_len", type=_positive, default=512)
   p.add_argument("--task", help="one language's task (e.g. code_python) instead of the mixture")
+  p.add_argument("--dataset", help="which build, when DATA_DIR holds several corpora")
   p.add_argument("--fim_rate", type=float, default=0.0)
   p.add_argument("--seed", type=int, default=0)
+  n = sub.add_parser("niah", help="needle in a haystack: retrieval by context length x depth")
+  common(n)
+  n.add_argument("--tokenizer", help="tokenizer.json when the checkpoint has none")
+  n.add_argument("--lengths", required=True, help="windows in tokens, e.g. 1k,2k,4k (k = 1024)")
+  n.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+  n.add_argument("--out", required=True, help="directory for niah.json and niah.png")
+  n.add_argument("--max_new_tokens", type=_positive, default=8)
+  n.add_argument("--seed", type=int, default=0, help="picks the needles' numbers")
+  n.add_argument("--haystack", help="filler text: a file or a directory of .py/.txt/.md "
+                                    "(default: this Python's standard library source)")
   args = ap.parse_args(argv)
   if args.cmd == "perplexity" and args.batch_size is None:
     args.batch_size = 8
@@ -137,7 +154,7 @@ def cmd_perplexity(args) -> dict:
   absl_logging.set_verbosity(absl_logging.ERROR)
   batches = validation_batches(args.data_dir, seq_len=args.seq_len, batch_size=args.batch_size,
                                split=args.split, tokenizer=args.tokenizer, task=args.task,
-                               fim_rate=args.fim_rate, seed=args.seed)
+                               fim_rate=args.fim_rate, seed=args.seed, dataset=args.dataset)
   # The data's tokenizer must be the model's: decode.load checks it against the checkpoint's own.
   model, _ = load_checkpoint(args.checkpoint, args.step, tokenizer=batches.cfg.tokenizer,
                              need_tokenizer=False,
@@ -148,10 +165,33 @@ def cmd_perplexity(args) -> dict:
   return r
 
 
+def cmd_niah(args) -> dict:
+  from coder_jax.eval import niah
+  lengths, depths = niah.parse_lengths(args.lengths), niah.parse_depths(args.depths)
+  # The windows against the model's positions from its config alone, before any weight loads.
+  cfg = niah.checkpoint_config(args.checkpoint, args.step)
+  niah.check_lengths(lengths, cfg.max_position_embeddings, args.checkpoint)
+  model, tok = load_checkpoint(args.checkpoint, args.step, args.tokenizer,
+                               allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+  _log(f"niah: {len(lengths)} lengths x {len(depths)} depths from {args.checkpoint}")
+  r = niah.run_niah(model, tok, lengths, depths, max_new_tokens=args.max_new_tokens,
+                    seed=args.seed, batch_size=args.batch_size, haystack=args.haystack, log=_log)
+  y = cfg.rope_scaling
+  r = {"checkpoint": os.path.abspath(args.checkpoint), "step": args.step,
+       "max_position_embeddings": cfg.max_position_embeddings,
+       "rope_scaling": None if y is None else vars(y), **r}
+  paths = niah.write_outputs(r, args.out)
+  print(niah.format_summary(r) + f"\nwrote {paths[0]} and {paths[1]}", flush=True)
+  return r
+
+
+COMMANDS = {"humaneval": cmd_humaneval, "perplexity": cmd_perplexity, "niah": cmd_niah}
+
+
 def main(argv=None) -> dict:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data pipeline imports TensorFlow
   args = parse_flags(sys.argv[1:] if argv is None else argv)
-  return (cmd_humaneval if args.cmd == "humaneval" else cmd_perplexity)(args)
+  return COMMANDS[args.cmd](args)
 
 
 def run(argv=None) -> int:

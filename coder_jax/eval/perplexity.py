@@ -80,19 +80,21 @@ def _splits_with_data(dataset_dir: str) -> list[str]:
 
 def validation_batches(data_dir: str, *, seq_len: int, batch_size: int,
                        split: str = "validation", tokenizer: str | None = None,
-                       task: str | None = None, fim_rate: float = 0.0, seed: int = 0):
+                       task: str | None = None, fim_rate: float = 0.0, seed: int = 0,
+                       dataset: str | None = None):
   """One pass (no shuffling, no repeat) over `split` of the code mixture built in DATA_DIR, as
   the pretraining stage's pipeline packs it. FIM is off by default so the number is plain
   left-to-right perplexity, comparable between models trained with different FIM rates.
 
   data_dir: a DATA_DIR (`python -m coder_jax.data build --out`) or its dataset directory;
-  tokenizer: default DATA_DIR/tokenizer.json, the one the data was built with."""
-  from coder_jax.data.__main__ import find_dataset
+  tokenizer: default DATA_DIR/tokenizer.json, the one the data was built with; dataset: which
+  build, when DATA_DIR holds several."""
+  from coder_jax.data.layout import find_dataset
   from coder_jax.data.fim import FimConfig
   from coder_jax.data.pipeline import DataConfig, Pipeline
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f"--data_dir: {data_dir}: no such directory")
-  dataset_dir = find_dataset(data_dir)
+  dataset_dir = find_dataset(data_dir, dataset)
   splits = _splits_with_data(dataset_dir)
   if split not in splits:  # else the mixture fails later with "no language has a positive rate"
     raise ValueError(f"--split: {data_dir} has no {split!r} data; splits with data: "

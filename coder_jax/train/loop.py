@@ -22,6 +22,7 @@ with its step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from coder_jax.model.config import get_config
+from coder_jax.model.config import ConfigError, YarnConfig, get_config
 from coder_jax.model.decoder import DeepseekV2
 from coder_jax.parallel.rules import logical_to_spec
 from coder_jax.train import state as train_state
@@ -48,21 +49,75 @@ RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "moe
                   "routing_devices", "routing_device_limit", "capacity_factor")
 
 
+# The fields a stage may change on top of the architecture it continues from: where its
+# positions reach. A long-context stage extends RoPE with YaRN and raises the limit; the weights
+# fit either way, so nothing but an explicit statement should change them.
+POSITION_FIELDS = ("rope_scaling", "max_position_embeddings")
+
+
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def position_overrides(overrides) -> dict:
+  """`model_overrides` checked: exactly POSITION_FIELDS (a new rope scaling and the limit it
+  reaches are stated together), rope_scaling as a YarnConfig (gin gives a dict) or None."""
+  if not overrides:
+    return {}
+  names = ", ".join(POSITION_FIELDS)
+  unknown = sorted(set(overrides) - set(POSITION_FIELDS))
+  if unknown:
+    raise ConfigError(f"model_overrides: {unknown[0]} cannot be overridden (only {names}: the "
+                      "architecture comes from the checkpoint a run starts from or from "
+                      "model_config)")
+  missing = [f for f in POSITION_FIELDS if f not in overrides]
+  if missing:
+    raise ConfigError(f"model_overrides: state {names} together (missing {missing[0]}); a new "
+                      "rope scaling and the length it reaches go together")
+  out = dict(overrides)
+  y = out["rope_scaling"]
+  if isinstance(y, dict):
+    known = {f.name for f in dataclasses.fields(YarnConfig)}
+    bad = sorted(set(y) - known)
+    if bad:
+      raise ConfigError(f"model_overrides: rope_scaling.{bad[0]} is not a YaRN field "
+                        f"({', '.join(sorted(known))})")
+    out["rope_scaling"] = YarnConfig(**y)
+  elif y is not None and not isinstance(y, YarnConfig):
+    raise ConfigError(f"model_overrides: rope_scaling must be a dict of YaRN fields or None, "
+                      f"got {y!r}")
+  m = out["max_position_embeddings"]
+  if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+    raise ConfigError(f"model_overrides: max_position_embeddings must be a positive int, got "
+                      f"{m!r}")
+  return out
+
+
+def check_positions(cfg, seq_len: int, source: str | None = None):
+  """A training sequence must fit the positions the model is configured for."""
+  if seq_len > cfg.max_position_embeddings:
+    where = f" (the config of {source})" if source else ""
+    raise ConfigError(
+        f"seq_len={seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}"
+        f"{where}; a stage that trains longer sequences states the new limit and its rope "
+        "scaling in model_overrides (see gin_configs/runs/long_context.gin)")
+
+
 def resolve_model_config(init_from_hf: str | None, compute_dtype: str,
                          init_from_checkpoint: str | None = None, init_step: int | None = None,
-                         dry_run: bool = False):
+                         dry_run: bool = False, model_overrides: dict | None = None):
   """The gin model config, or the architecture of the checkpoint a run starts from (HF
   config.json or another run's stored config) with the gin runtime fields; master weights are
-  always float32. A dry run whose checkpoint is not on this machine uses the gin config."""
+  always float32. A dry run whose checkpoint is not on this machine uses the gin config.
+
+  model_overrides: {'rope_scaling': {YaRN fields} or None, 'max_position_embeddings': n}, both
+  or neither; applied last, whatever the source (the only way a stage changes them)."""
   if init_from_hf and init_from_checkpoint:
     raise ValueError("init_from_hf and init_from_checkpoint: set one, not both")
+  positions = position_overrides(model_overrides)
   gin_cfg = get_config()
   runtime = {f: getattr(gin_cfg, f) for f in RUNTIME_FIELDS}
-  runtime.update(dtype=compute_dtype, param_dtype="float32")
+  runtime.update(dtype=compute_dtype, param_dtype="float32", **positions)
   source = init_from_hf or init_from_checkpoint
   if dry_run and source and not os.path.exists(source):
     print(f"note: {source} is not on this machine; the dry run uses gin's model_config",
@@ -77,15 +132,17 @@ def resolve_model_config(init_from_hf: str | None, compute_dtype: str,
 
 
 def initial_params(cfg, mesh, *, init_from_hf=None, init_from_checkpoint=None, init_step=None):
-  """Parameters (a pure dict placed on the mesh) a fresh run starts from; None: from the seed."""
+  """Parameters (a pure dict placed on the mesh) a fresh run starts from; None: from the seed.
+  The source is read as `cfg` states it (runtime and position fields included)."""
+  keep = RUNTIME_FIELDS + POSITION_FIELDS
   if init_from_hf:
     from coder_jax import hf
     loaded = hf.load(init_from_hf, jnp.float32, mesh=mesh, compute_dtype=cfg.dtype,
-                     **{f: getattr(cfg, f) for f in RUNTIME_FIELDS if f != "dtype"})
+                     **{f: getattr(cfg, f) for f in keep if f != "dtype"})
     print(f"initialised from {init_from_hf}", flush=True)
   elif init_from_checkpoint:
     loaded, step = load_params(init_from_checkpoint, init_step, mesh=mesh,
-                               **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
+                               **{f: getattr(cfg, f) for f in keep})
     print(f"initialised from step {step} of {init_from_checkpoint}", flush=True)
   else:
     return None
@@ -289,6 +346,8 @@ def _run(ckpt, a: dict) -> dict:
   finally:
     if progress is not None:
       progress.close()
+    if hasattr(stream, "close"):
+      stream.close()
     log.close()
     ckpt.close()
     guard.__exit__(None, None, None)
