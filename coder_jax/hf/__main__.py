@@ -3,6 +3,7 @@
     python -m coder_jax.hf import --hf_dir HF_DIR --out CKPT_DIR [--dtype float32]
     python -m coder_jax.hf export --checkpoint CKPT_DIR --out HF_DIR [--dtype bfloat16]
     python -m coder_jax.hf export --train_dir MODEL_DIR [--step N] --out HF_DIR  # a training run
+    (a reward_model run's MODEL_DIR is written as DeepseekV2ForSequenceClassification)
     python -m coder_jax.hf export --preset tiny --seed 0 --out HF_DIR     # a fresh random model
 
 Export writes the tokenizer too (--tokenizer, default: the source's tokenizer.json), so
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
   src = exp.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint")
   src.add_argument("--preset", choices=sorted(PRESETS))
-  src.add_argument("--train_dir", help="a pretraining MODEL_DIR (its latest checkpoint)")
+  src.add_argument("--train_dir", help="a training MODEL_DIR (its latest checkpoint)")
   exp.add_argument("--step", type=int, help="with --train_dir: this checkpoint step")
   exp.add_argument("--seed", type=int, default=0)
   exp.add_argument("--out", required=True)
@@ -76,6 +77,14 @@ def _export(args) -> None:
   if tokenizer is not None:
     load_tokenizer(tokenizer)
   if args.train_dir:
+    from coder_jax.reward.scorer import has_reward_head, train_dir_model
+    if has_reward_head(args.train_dir, args.step):   # a reward_model run: its own architecture
+      from coder_jax.hf import seq_cls
+      out = seq_cls.save(train_dir_model(args.train_dir, args.step), args.out, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                         tokenizer=tokenizer, sources=sources)
+      print(f"saved {out} ({seq_cls.ARCHITECTURE})")
+      return
     from coder_jax.train.checkpoint import load_params
     model, step = load_params(args.train_dir, args.step)
     print(f"loaded step {step} of {args.train_dir}")

@@ -5,8 +5,9 @@
     scores = scorer.score(["Write f"], ["def f(): ..."])   # float32 logits, one per pair
 
 A pair is rendered with the SFT chat template (coder_jax.data.chat.ChatTemplate) and tokenized
-as the SFT data and a sampler tokenize it: BOS, the prompt text up to "Assistant:" as one
-string, the response as another, EOS. Rows are batched by length, right padded, and scored at
+as the SFT data and a sampler tokenize it (coder_jax.reward.data.encode_pairs, which the RM's
+training data uses too): BOS, the prompt text up to "Assistant:" as one string, the response
+as another, EOS. Rows are batched by length, right padded, and scored at
 their last real token (RewardModel).
 """
 
@@ -22,9 +23,10 @@ import tokenizers
 from flax import nnx
 
 from coder_jax.data.chat import ChatTemplate
-from coder_jax.data.tokenizer import BOS, EOS, PAD, load_tokenizer
+from coder_jax.data.tokenizer import EOS, PAD, load_tokenizer
 from coder_jax.model.config import ConfigError
 from coder_jax.model.reward import RewardModel
+from coder_jax.reward.data import encode_pairs
 
 
 class Scorer:
@@ -35,13 +37,10 @@ class Scorer:
                batch_size: int = 16, length_multiple: int = 64):
     self.model, self.template = model, template
     self.tokenizer = tokenizer
-    # A literal "<｜end▁of▁sentence｜>" inside a response is text, as in the SFT data.
-    self.tokenizer.encode_special_tokens = True
-    self.bos, self.eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     if pad_id is None:
       pad_id = tokenizer.token_to_id(PAD)
     # Padding never reaches a real token (segment ids mask it), so any id in range will do.
-    self.pad_id = self.eos if pad_id is None else int(pad_id)
+    self.pad_id = tokenizer.token_to_id(EOS) if pad_id is None else int(pad_id)
     self.batch_size, self.length_multiple = batch_size, length_multiple
     graphdef, state = nnx.split(model)
     self._state = state
@@ -49,21 +48,7 @@ class Scorer:
 
   def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
     """Token ids of each rendered pair: [BOS, prompt ... "Assistant:", " response", EOS]."""
-    if len(prompts) != len(responses):
-      raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) differ in "
-                       "length")
-    convs = [self.template.runs([{"role": "user", "content": p},
-                                 {"role": "assistant", "content": r}])
-             for p, r in zip(prompts, responses)]
-    pieces = iter(self.tokenizer.encode_batch([t for runs in convs for t, _ in runs],
-                                              add_special_tokens=False))
-    out = []
-    for runs in convs:
-      ids = [self.bos]
-      for _, trained in runs:
-        ids += next(pieces).ids + ([self.eos] if trained else [])
-      out.append(ids)
-    return out
+    return encode_pairs(self.tokenizer, prompts, responses, self.template)
 
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     return self.score_ids(self.encode(prompts, responses))
@@ -93,43 +78,41 @@ class Scorer:
     return out
 
 
-def _train_dir_model(model_dir: str, step: int | None, **runtime) -> RewardModel:
-  """The parameters of a reward_model stage's checkpoint (training MODEL_DIR), on one device.
-
-  Uses coder_jax.train.checkpoint's reader as load_params does, with the RewardModel's tree
-  (load_params builds the causal LM's)."""
+def stored_param_names(model_dir: str, step: int | None = None) -> set[str] | None:
+  """Top-level names of the parameters in a training MODEL_DIR's checkpoint `step` (default: the
+  newest whose metadata reads; no array is read); None when none reads."""
   import orbax.checkpoint as ocp
-  from coder_jax.parallel.mesh import MeshConfig, make_mesh
   from coder_jax.train import checkpoint as ckpt
-  from coder_jax.train.state import abstract_model, abstract_params, param_specs, to_shardings
-  mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   mgr, directory = ckpt._read_only_manager(model_dir)
-
-  def restore(s):
-    with ocp.PyTreeCheckpointer() as reader:   # the stored tree's names, no array read
-      stored = reader.metadata(os.path.join(directory, str(s), "state")).item_metadata["params"]
-    if "score" not in stored:
-      raise ConfigError(f"{model_dir}: checkpoint step {s} has no reward head ('score' is "
-                        "missing): this is not a reward_model stage's training directory")
-    cfg = ckpt._stored_config(mgr, s, **runtime)
-    graphdef, abstract_state = abstract_model(cfg, RewardModel)
-    shard = to_shardings(param_specs(abstract_state, mesh), mesh)
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          abstract_params(abstract_state), shard)
-    restored = mgr.restore(s, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore({"params": target}, restore_args=jax.tree.map(
-            lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), {"params": target}),
-            partial_restore=True)))["state"]
-    return nnx.merge(graphdef, restored["params"])
-
   try:
-    step, model = ckpt._newest_that_restores(mgr, directory, step, restore, ckpt._stderr)
+    steps = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
   finally:
     mgr.close()
-  if step is None:
-    raise FileNotFoundError(f"{model_dir}: no training checkpoint under "
-                            f"{ckpt.CHECKPOINT_SUBDIR}/")
-  return model
+  for s in steps:
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        meta = reader.metadata(os.path.join(directory, str(s), "state")).item_metadata
+      return set(meta["params"])
+    except Exception:  # noqa: BLE001 -- a damaged step: load_params names it
+      continue
+  return None
+
+
+def has_reward_head(model_dir: str, step: int | None = None) -> bool:
+  """Whether a training MODEL_DIR holds a reward model (a reward_model stage's run)."""
+  return "score" in (stored_param_names(model_dir, step) or ())
+
+
+def train_dir_model(model_dir: str, step: int | None = None, *, mesh=None,
+                    **runtime) -> RewardModel:
+  """The RewardModel of a reward_model stage's training MODEL_DIR (its checkpoint `step`,
+  default the newest that restores); one clear error for a run without a reward head."""
+  from coder_jax.train.checkpoint import load_params
+  names = stored_param_names(model_dir, step)
+  if names is not None and "score" not in names:
+    raise ConfigError(f"{model_dir}: its checkpoint has no reward head ('score' is missing): "
+                      "this is not a reward_model stage's training directory")
+  return load_params(model_dir, step, mesh=mesh, model_cls=RewardModel, **runtime)[0]
 
 
 def load(path: str, *, step: int | None = None, dtype=jnp.float32, batch_size: int = 16,
@@ -149,8 +132,8 @@ def load(path: str, *, step: int | None = None, dtype=jnp.float32, batch_size: i
     if not os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
       raise FileNotFoundError(f"{path}: neither a Hugging Face export (config.json) nor a "
                               f"training directory ({CHECKPOINT_SUBDIR}/)")
-    model = _train_dir_model(path, step, param_dtype="float32", dtype=jnp.dtype(dtype).name,
-                             **runtime)
+    model = train_dir_model(path, step, param_dtype="float32", dtype=jnp.dtype(dtype).name,
+                            **runtime)
     pad = None
   tok_path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(tok_path):

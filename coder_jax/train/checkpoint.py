@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from coder_jax.model.config import (ConfigError, computation_diff, config_from_dict,
                                      config_to_dict)
+from coder_jax.model.decoder import DeepseekV2
 
 CHECKPOINT_SUBDIR = "checkpoints"
 TOKENIZER_NAME = "tokenizer.json"   # the run's tokenizer, copied into MODEL_DIR
@@ -174,9 +175,10 @@ def read_model_config(model_dir: str, step: int | None = None, **runtime):
   return cfg, step
 
 
-def load_params(model_dir: str, step: int | None = None, *, mesh=None, **runtime):
-  """(model with the checkpoint's parameters, step): for export and evaluation. Without `step`,
-  the newest checkpoint that restores (damaged newer ones are named and skipped)."""
+def load_params(model_dir: str, step: int | None = None, *, mesh=None, model_cls=DeepseekV2,
+                **runtime):
+  """(model_cls with the checkpoint's parameters, step): for export and evaluation. Without
+  `step`, the newest checkpoint that restores (damaged newer ones are named and skipped)."""
   from flax import nnx
   from coder_jax.parallel.mesh import MeshConfig, make_mesh
   from coder_jax.train.state import abstract_model, abstract_params, param_specs, to_shardings
@@ -185,7 +187,7 @@ def load_params(model_dir: str, step: int | None = None, *, mesh=None, **runtime
 
   def restore(s):
     cfg = _stored_config(mgr, s, **runtime)
-    graphdef, abstract_state = abstract_model(cfg)
+    graphdef, abstract_state = abstract_model(cfg, model_cls)
     params_abs = abstract_params(abstract_state)
     shard = to_shardings(param_specs(abstract_state, mesh), mesh)
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
