@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from coder_jax.model.logprobs import token_logprobs
 from coder_jax.parallel.expert import token_dropping
 from coder_jax.train.losses import BalanceLossConfig, balance_losses, cross_entropy_sum
 
@@ -59,13 +60,33 @@ def expert_load(metrics: dict, norms) -> dict:
   return m
 
 
-def lm_objective(cfg, alphas: BalanceLossConfig = BalanceLossConfig()) -> Objective:
+def check_loss_chunk_size(loss_chunk_size) -> None:
+  if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int)
+                                      or isinstance(loss_chunk_size, bool) or loss_chunk_size < 1):
+    raise ValueError(f"loss_chunk_size: a positive number of positions or None, got "
+                     f"{loss_chunk_size!r}")
+
+
+def lm_objective(cfg, alphas: BalanceLossConfig = BalanceLossConfig(), *,
+                 loss_chunk_size: int | None = None) -> Objective:
   """Next-token cross-entropy over weighted tokens (pretraining; SFT with loss_weights on the
-  assistant tokens only) plus DeepSeek-V2's balance losses."""
+  assistant tokens only) plus DeepSeek-V2's balance losses.
+
+  loss_chunk_size: compute the logits that many positions at a time, each chunk
+  rematerialised in the backward (model/logprobs.py), so at most [rows, chunk, vocab] of them
+  exist at once: at 128K tokens the whole [rows, T, 102400] is 50 GiB per row in float32.
+  None: the whole sequence at once (faster where it fits)."""
+  check_loss_chunk_size(loss_chunk_size)
 
   def loss_fn(model, mb, norms):
-    logits, aux = model(mb["inputs"], mb["segment_ids"], mb["positions"], return_aux=True)
-    ce = cross_entropy_sum(logits, mb["targets"], mb["loss_weights"]) / norms["tokens"]
+    if loss_chunk_size is None:
+      logits, aux = model(mb["inputs"], mb["segment_ids"], mb["positions"], return_aux=True)
+      ce_sum = cross_entropy_sum(logits, mb["targets"], mb["loss_weights"])
+    else:
+      logp, aux = token_logprobs(model, mb["inputs"], mb["targets"], mb["segment_ids"],
+                                 mb["positions"], chunk_size=loss_chunk_size, return_aux=True)
+      ce_sum = -jnp.sum(logp * mb["loss_weights"].astype(jnp.float32))
+    ce = ce_sum / norms["tokens"]
     bal, metrics = moe_balance(cfg, alphas, aux, norms)
     return ce + bal, {"ce_loss": ce, **metrics}
 
@@ -119,9 +140,10 @@ def make_step(graphdef, optimizer, schedule, objective: Objective, *, grad_accum
 
 
 def make_train_step(graphdef, cfg, optimizer, schedule, *, alphas=BalanceLossConfig(),
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, loss_chunk_size: int | None = None):
   """The language-model train step (pretraining)."""
-  return make_step(graphdef, optimizer, schedule, lm_objective(cfg, alphas),
+  return make_step(graphdef, optimizer, schedule,
+                   lm_objective(cfg, alphas, loss_chunk_size=loss_chunk_size),
                    grad_accum_steps=grad_accum_steps)
 
 
@@ -134,9 +156,10 @@ def _schedule_count(opt_state, step):
   return found[0] if found else step
 
 
-def loss_and_grads(graphdef, cfg, params, batch, alphas=BalanceLossConfig()):
+def loss_and_grads(graphdef, cfg, params, batch, alphas=BalanceLossConfig(), *,
+                   loss_chunk_size: int | None = None):
   """Loss and gradients of one batch (no update); for tests comparing meshes."""
-  objective = lm_objective(cfg, alphas)
+  objective = lm_objective(cfg, alphas, loss_chunk_size=loss_chunk_size)
   norms = objective.norms(batch)
   with token_dropping(True):
     (loss, _), grads = jax.value_and_grad(
