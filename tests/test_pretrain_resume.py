@@ -128,3 +128,43 @@ def test_tokenizer_larger_than_the_model_vocab_is_refused(data_dir):
                                        r"model's vocab_size is 300"):
     CodeData(data_dir=data_dir).open(model_vocab=300, batch_rows=2, seq_len=32, shard=0,
                                      num_shards=1, start_batch=0)
+
+
+def test_the_run_records_its_tokenizer_and_refuses_another_on_resume(tmp_path, data_dir):
+  """MODEL_DIR/tokenizer.json is the data's tokenizer (decode, eval and export use it) and each
+  checkpoint records its path and hash; resuming with data made by another tokenizer fails."""
+  import gin
+  import hashlib
+  import json
+  from coder_jax.data.prepare import prepare
+  from coder_jax.parallel.mesh import MeshConfig
+  from coder_jax.stages.pretrain import pretrain
+  from coder_jax.train.data import CodeData
+  from coder_jax.train.optim import OptimizerConfig
+
+  def run(data, steps):
+    gin.clear_config()
+    gin.bind_parameter("model_config.vocab_size", 512)
+    try:
+      return pretrain(model_dir=str(tmp_path / "run"), train_steps=steps, batch_size=8,
+                      seq_len=32, data=CodeData(data_dir=data), mesh_config=MeshConfig(),
+                      compute_dtype="float32", checkpoint_every=1, async_checkpoints=False,
+                      optimizer_config=OptimizerConfig(learning_rate=1e-3, warmup_steps=1))
+    finally:
+      gin.clear_config()
+
+  run(data_dir, 1)
+  own = tmp_path / "run" / "tokenizer.json"
+  data_tok = os.path.join(data_dir, "tokenizer.json")
+  assert open(own, "rb").read() == open(data_tok, "rb").read()
+  record = json.load(open(tmp_path / "run" / "checkpoints" / "1" / "data" / "metadata"))
+  assert record["tokenizer"] == {"path": data_tok,
+                                 "sha256": hashlib.sha256(open(data_tok, "rb").read()).hexdigest()}
+  src = tmp_path / "src"
+  shutil.copytree(os.path.join(STDLIB, "email"), src / "email")
+  other = str(tmp_path / "other")
+  prepare(other, [str(src)], vocab_size=300, validation_fraction=0.2)
+  with pytest.raises(ValueError, match=r"tokenizer: .*run was trained with .*tokenizer.json, "
+                                       r"but the data now uses .*a different tokenizer"):
+    run(other, 2)
+  assert open(own, "rb").read() == open(data_tok, "rb").read()   # left as it was
