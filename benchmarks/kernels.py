@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --smoke         # CPU, tiny shapes: proves the script runs
     python benchmarks/kernels.py --only gmm --iters 50
     python benchmarks/kernels.py --tune          # also sweep our kernels' block sizes
+    python benchmarks/kernels.py --only tune     # only the sweep; on a CPU: its H100 compile check
 
 Attention: B2 T4096 H16 Dqk192 Dv128, causal, bf16; fwd, and fwd+bwd = grads of
 sum(out * cotangent) w.r.t. q, k, v. Columns: ours (`pallas_kernels.mla_attention`, the
@@ -312,14 +313,17 @@ def train_section(s, smoke, iters):
 
 # Candidate block sizes for --tune (the defaults in pallas_kernels are the first of each list).
 # Attention fwd: (block_q, block_k, num_warps, num_stages); bwd: the same for both bwd kernels.
+# The Triton lists hold only configurations that compile for H100 without spills at the tuning
+# shapes (python -m pallas_kernels.compile_report; tests/test_kernels_compile_gpu.py keeps them
+# so), and --tune re-checks them where that compile runs.
 TUNE = {
     "triton": dict(
-        attn_fwd=[(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                  (128, 32, 4, 3), (64, 128, 4, 2)],
-        attn_bwd=[(64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-                  (32, 128, 8, 2)],
-        gmm=[(128, 64, 128), (128, 32, 128), (64, 64, 128), (128, 64, 256), (256, 64, 128),
-             (128, 128, 128)]),
+        attn_fwd=[(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                  (128, 32, 8, 3), (64, 64, 4, 2)],
+        attn_bwd=[(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 3),
+                  (32, 32, 8, 2)],
+        gmm=[(128, 64, 128), (128, 32, 128), (128, 128, 128), (64, 64, 128), (64, 32, 128),
+             (64, 64, 64)]),
     "tpu": dict(
         attn_fwd=[(512, 512, None, None), (256, 512, None, None), (1024, 512, None, None),
                   (128, 128, None, None)],
@@ -328,32 +332,89 @@ TUNE = {
 }
 
 
-def tune_section(s, iters):
-  """Time our kernels over TUNE's block sizes (the fwd+bwd rows keep the default forward)."""
-  import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
+def attention_blocks(kind, cand, backend="triton"):
+  """BlockSizes with a `kind` ("fwd" / "fwd+bwd") candidate and the default blocks elsewhere."""
   from pallas_kernels.attention import DEFAULT_BLOCKS, BlockSizes  # pylint: disable=import-outside-toplevel
+  base = DEFAULT_BLOCKS[backend]
+  bq, bk, w, st = cand
+  if kind == "fwd":
+    return BlockSizes(bq, bk, base.bwd_block_q, base.bwd_block_k, w, st, base.bwd_num_warps,
+                      base.bwd_num_stages)
+  return BlockSizes(base.block_q, base.block_k, bq, bk, base.num_warps, base.num_stages, w, st)
+
+
+def triton_compile_cases(s):
+  """{candidate list name: [(candidate, compile_report.Case)]} for TUNE's Triton candidates at
+  the tuning shapes: fwd alone for attn_fwd, all three kernels for attn_bwd and gmm."""
+  from pallas_kernels import compile_report as cr  # pylint: disable=import-outside-toplevel
+  a, g = s["attention"], s["gmm"]
+  attn = lambda cand, kind: cr.attention_case(
+      a["B"], a["T"], a["H"], a["Dqk"], a["Dv"], segments=False, grad=kind != "fwd",
+      block_sizes=attention_blocks(kind, cand))
+  return {
+      "attn_fwd": [(c, attn(c, "fwd")) for c in TUNE["triton"]["attn_fwd"]],
+      "attn_bwd": [(c, attn(c, "fwd+bwd")) for c in TUNE["triton"]["attn_bwd"]],
+      "gmm": [(c, cr.gmm_case(g["M"], g["K"], g["N"], g["G"], tiling=c))
+              for c in TUNE["triton"]["gmm"]]}
+
+
+def spill_free_candidates(s):
+  """TUNE's Triton lists less the candidates whose H100 compile spills or overflows shared
+  memory, with a table of what each compiled to; TUNE unchanged (and the reason) where the
+  compile cannot run."""
+  from pallas_kernels import compile_report as cr  # pylint: disable=import-outside-toplevel
+  problem = cr.pairing_problem()
+  if problem:
+    print(f"\nH100 compile check skipped ({problem}); TUNE's Triton lists were spill-free "
+          f"when last checked with jaxlib {cr.VERIFIED_PAIRING['jax']} and triton "
+          f"{cr.VERIFIED_PAIRING['triton']}.")
+    return dict(TUNE["triton"])
+  print("\n### Tuning candidates compiled for H100 (sm_90a; pallas_kernels.compile_report)\n")
+  print("| list | candidate | kernel | warps / stages | shared memory | registers | spills "
+        "(stores / loads) | blocks / SM | timed |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  keep, cache = {}, {}
+  for name, cases in triton_compile_cases(s).items():
+    keep[name] = []
+    for cand, case in cases:
+      try:
+        res = cr.compile_case(case, cache)
+      except Exception as e:  # a candidate the compiler rejects is not timed either
+        print(f"| {name} | {cand} | failed: {type(e).__name__} ||||||no |", flush=True)
+        continue
+      ok = all(r.ok for r in res)
+      if ok:
+        keep[name].append(cand)
+      for r in res:
+        print(f"| {name} | {cand} | {r.name} | {r.num_warps} / {r.num_stages} | "
+              f"{r.shared_bytes:,} B | {r.registers} | {r.spill_stores} / {r.spill_loads} B | "
+              f"{r.blocks_per_sm} | {'yes' if ok else 'no'} |", flush=True)
+  return keep
+
+
+def tune_section(s, iters):
+  """Time our kernels over TUNE's block sizes (the fwd+bwd rows keep the default forward);
+  Triton candidates that spill on H100 are dropped first (the check needs no GPU)."""
+  import pallas_kernels as pk  # pylint: disable=import-outside-toplevel
   backend = {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend())
+  cands = TUNE[backend] if backend == "tpu" else None
+  if backend in (None, "triton"):
+    cands = spill_free_candidates(s)
   if backend is None:
-    print("\n--tune needs a GPU or TPU; skipped.")
+    print("\n--tune times candidates on a GPU or TPU only; this machine ran the compile check.")
     return
-  cands = TUNE[backend]
   a = s["attention"]
   b, t, h, dqk, dv = a["B"], a["T"], a["H"], a["Dqk"], a["Dv"]
   ks = jax.random.split(jax.random.key(0), 4)
   q, k = (jax.random.normal(x, (b, t, h, dqk), jnp.bfloat16) for x in ks[:2])
   v, ct = (jax.random.normal(x, (b, t, h, dv), jnp.bfloat16) for x in ks[2:])
   fwd_flops = 2.0 * b * h * (t * (t + 1) / 2) * (dqk + dv)
-  base = DEFAULT_BLOCKS[backend]
   print(f"\n### Tuning ({backend}): attention B{b} T{t} H{h} {dqk}/{dv} causal bf16\n")
   print("| kernel | block_q, block_k, warps, stages | ms | TFLOP/s |")
   print("|---|---|---|---|")
   for kind, cfgs in (("fwd", cands["attn_fwd"]), ("fwd+bwd", cands["attn_bwd"])):
     for bq, bk, w, st in cfgs:
-      if kind == "fwd":
-        bs = BlockSizes(bq, bk, base.bwd_block_q, base.bwd_block_k, w, st, base.bwd_num_warps,
-                        base.bwd_num_stages)
-      else:
-        bs = BlockSizes(base.block_q, base.block_k, bq, bk, base.num_warps, base.num_stages, w, st)
+      bs = attention_blocks(kind, (bq, bk, w, st), backend)
       fn = lambda q, k, v, bs=bs: pk.mla_attention(q, k, v, block_sizes=bs)
       timed, args = (fn, (q, k, v)) if kind == "fwd" else (grads_of(fn, (0, 1, 2)), (q, k, v, ct))
       flops = fwd_flops if kind == "fwd" else 3.5 * fwd_flops
@@ -411,9 +472,12 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--smoke", action="store_true",
                   help="tiny shapes, ours on backend='xla' (CPU): only proves the script runs")
-  ap.add_argument("--only", choices=("attention", "gmm", "train"))
+  ap.add_argument("--only", choices=("attention", "gmm", "train", "tune"),
+                  help="one section; 'tune' runs only the block-size sweep (implies --tune)")
   ap.add_argument("--tune", action="store_true",
-                  help="also time our kernels over candidate block sizes (GPU / TPU only)")
+                  help="also time our kernels over candidate block sizes (GPU / TPU); Triton "
+                       "candidates are first compiled for H100 and those that spill dropped, "
+                       "a check that also runs on a CPU-only machine")
   ap.add_argument("--iters", type=int, default=None,
                   help="timed calls per cell (default 20; smoke 3); train steps: at most 10")
   args = ap.parse_args(argv)
@@ -424,8 +488,8 @@ def main(argv=None):
   for name, fn in sections.items():
     if args.only in (None, name):
       fn(shapes[name], args.smoke, min(iters, 10) if name == "train" else iters)
-  if args.tune and not args.smoke:
-    tune_section(shapes, iters)
+  if (args.tune or args.only == "tune") and not args.smoke:
+    tune_section(FULL, iters)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,13 @@ class BlockSizes:
   bwd_num_stages: int | None = None
 
 
-# Starting points, not tuned on hardware yet (see benchmarks/RESULTS.md).
+# Not timed on hardware yet (benchmarks/RESULTS.md). Triton: compiled for H100 by
+# `python -m pallas_kernels.compile_report`, none spills at the benchmark, Lite / 236B and ragged
+# shapes; backward blocks of 64 x 64 spilled the dK/dV kernel (dK and dV accumulators of
+# 64 x 320 f32) once segment ids or a padded tail add masks, 64 queries x 32 keys leave it ~20
+# registers of headroom.
 DEFAULT_BLOCKS = {
-    "triton": BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=2, bwd_num_warps=8,
+    "triton": BlockSizes(128, 64, 64, 32, num_warps=8, num_stages=2, bwd_num_warps=8,
                          bwd_num_stages=2),
     "tpu": BlockSizes(512, 512, 256, 512),
 }

@@ -43,9 +43,15 @@ def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
   return fit_tile(128, m), fit_tile(tk, k), fit_tile(128, n)
 
 
-def _compiler_params(out_elems: int, stage_bytes: int) -> plgpu.CompilerParams:
-  num_warps = 8 if out_elems > 128 * 128 else 4
-  num_stages = max(1, min(4, _SMEM_BUDGET_BYTES // max(stage_bytes, 1)))
+def _compiler_params(out_elems: int, stage_elems: int, dtype) -> plgpu.CompilerParams:
+  """Launch settings from the accumulator's and one pipeline stage's element counts."""
+  itemsize = jnp.dtype(dtype).itemsize
+  # 8 warps from 128 x 128 register-resident elements: over 4 warps that is 128 registers a
+  # thread, and such tiles spilled on H100 (compile_report). The accumulator always lives in
+  # registers; float32 dots run IEEE on FMA units (_dot_precision), so their operand tiles do too.
+  in_registers = max(out_elems, stage_elems) if itemsize >= 4 else out_elems
+  num_warps = 8 if in_registers >= 128 * 128 else 4
+  num_stages = max(1, min(4, _SMEM_BUDGET_BYTES // max(stage_elems * itemsize, 1)))
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -77,7 +83,11 @@ def _gmm_kernel(group_ref, tile_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_r
     o_mask_O = ob * to + jnp.arange(to, dtype=jnp.int32) < o_dim
   rhs_group = jnp.minimum(group, num_groups - 1)
   # The virtual trailing group and padding items skip the loop: their acc stays zero.
-  num_c = jnp.where((group < num_groups) & (end > start), metadata.cdiv(c_dim, tc), 0)
+  # Both branches are strong int32: Pallas' Triton lowering gives weakly typed literals in a
+  # select the predicate's type, so plain Python ints made the loop bound an i1 (true / false,
+  # not the trip count), which Triton's verifier rejects beside the i32 lower bound.
+  num_c = jnp.where((group < num_groups) & (end > start),
+                    jnp.int32(metadata.cdiv(c_dim, tc)), jnp.int32(0))
   precision = _dot_precision(compute_dtype)
 
   def body(cb, acc_TO):
@@ -122,12 +132,11 @@ def gmm(lhs_MC, rhs_G, group_sizes_G, *, tm, tk, tn, transpose_rhs=False, out_dt
   kernel = functools.partial(
       _gmm_kernel, tm=tm, tc=tc, to=to, c_dim=c_dim, o_dim=o_dim, num_groups=num_groups,
       transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
-  stage_bytes = (tm * tc + tc * to) * compute_dtype.itemsize
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, o_dim), out_dtype),
       grid=(num_items, metadata.cdiv(o_dim, to)),
-      compiler_params=_compiler_params(tm * to, stage_bytes),
+      compiler_params=_compiler_params(tm * to, tm * tc + tc * to, compute_dtype),
       interpret=interpret,
       name="gmm_dlhs" if transpose_rhs else "gmm",
   )(plan.group_ids_I, plan.tile_ids_I, plan.row_starts_I, plan.row_ends_I, lhs_MC, rhs_G)
@@ -171,12 +180,11 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tm, tk, tn, out_dtype=None, interpre
   starts_G, ends_G = metadata.group_bounds(group_sizes_G, m)
   kernel = functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, k_dim=k_dim, n_dim=n_dim,
                              compute_dtype=compute_dtype)
-  stage_bytes = (tm * tk + tm * tn) * compute_dtype.itemsize
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
       grid=(num_groups, metadata.cdiv(k_dim, tk), metadata.cdiv(n_dim, tn)),
-      compiler_params=_compiler_params(tk * tn, stage_bytes),
+      compiler_params=_compiler_params(tk * tn, tm * tk + tm * tn, compute_dtype),
       interpret=interpret,
       name="tgmm",
   )(starts_G, ends_G, lhs_MK, dout_MN)
