@@ -13,10 +13,11 @@ BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermedia
             topk_method="greedy", max_position_embeddings=512, rms_norm_eps=1e-6)
 
 
-def random_hf_model(seed: int = 0, **overrides) -> DeepseekV2ForCausalLM:
-  """A random model whose weights are large enough that every path matters (norms != 1)."""
+def random_hf_model(seed: int = 0, model_cls=DeepseekV2ForCausalLM, **overrides):
+  """A random model whose weights are large enough that every path matters (norms != 1);
+  model_cls: the causal LM, or e.g. DeepseekV2ForSequenceClassification (pass num_labels)."""
   torch.manual_seed(seed)
-  model = DeepseekV2ForCausalLM(DeepseekV2Config(**{**BASE, **overrides})).eval()
+  model = model_cls(DeepseekV2Config(**{**BASE, **overrides})).eval()
   with torch.no_grad():
     for p in model.parameters():
       if p.dim() > 1:

@@ -4,7 +4,6 @@ previous intact step with the losses of a run that stopped there; when no step r
 line says so and nothing is moved. Export/decode loading skips damaged steps the same way."""
 
 import glob
-import hashlib
 import os
 import shutil
 
@@ -18,6 +17,7 @@ from coder_jax.stages.pretrain import pretrain
 from coder_jax.train.checkpoint import CheckpointDamagedError, load_params
 from coder_jax.train.data import SyntheticData
 from coder_jax.train.optim import OptimizerConfig
+from file_tree import tree
 from run_metrics import read_metrics
 
 STEPS = 4   # checkpoints at 2 and 4; every resumed run ends at the same step (same schedule)
@@ -31,16 +31,6 @@ def _pretrain(model_dir, steps=STEPS, **kw):
                   data=SyntheticData(), mesh_config=MeshConfig(), compute_dtype="float32",
                   checkpoint_every=2, async_checkpoints=False,
                   optimizer_config=OptimizerConfig(learning_rate=3e-3, warmup_steps=2), **kw)
-
-
-def _tree(root) -> dict:
-  """relative path -> sha256 of every file under root."""
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(dirpath, f)
-      out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-  return out
 
 
 def _biggest_state_file(step_dir):
@@ -83,7 +73,7 @@ def test_damaged_newest_step_resumes_from_the_previous_one(base, tmp_path, capsy
   run = tmp_path / "run"
   shutil.copytree(base_dir, run)
   _damage(run / "checkpoints" / "4", how)
-  damaged = _tree(run / "checkpoints" / "4")
+  damaged = tree(run / "checkpoints" / "4")
   capsys.readouterr()
   res = _pretrain(run)
   out = capsys.readouterr()
@@ -94,7 +84,7 @@ def test_damaged_newest_step_resumes_from_the_previous_one(base, tmp_path, capsy
   assert "\n" not in lines[0] and "Traceback" not in out.err
   assert "restored step 2" in out.out
   # Kept, byte for byte, beside the checkpoints; the run then saved its own step 4.
-  assert _tree(run / "checkpoints_damaged" / "4") == damaged
+  assert tree(run / "checkpoints_damaged" / "4") == damaged
   assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
   # One metrics row per step, the replayed ones replacing the rows of the damaged run.
   m = read_metrics(run)
@@ -109,13 +99,13 @@ def test_no_step_restores_is_one_error_and_nothing_moves(base, tmp_path):
   shutil.copytree(base[0], run)
   _damage(run / "checkpoints" / "4", "missing_file")
   _damage(run / "checkpoints" / "2", "empty_dir")
-  before = _tree(run)
+  before = tree(run)
   with pytest.raises(CheckpointDamagedError, match=r"no checkpoint restores \(damaged steps: "
                                                    r"4, 2\); move them away") as e:
     _pretrain(run)
   from coder_jax.cli import one_line
   assert one_line(e.value).startswith(f"{run}/checkpoints: no checkpoint restores")
-  after = _tree(run)
+  after = tree(run)
   assert {k: v for k, v in after.items() if not k.startswith("tensorboard")} == \
       {k: v for k, v in before.items() if not k.startswith("tensorboard")}
 
@@ -126,7 +116,7 @@ def test_loading_for_export_and_decode_skips_damaged_steps(base, tmp_path, capsy
   intact, step = load_params(str(run), 2)
   for f in glob.glob(str(run / "checkpoints" / "4" / "state" / "**" / "d" / "*"), recursive=True):
     os.truncate(f, os.path.getsize(f) // 2)   # parameters and optimizer state alike
-  before = _tree(run)
+  before = tree(run)
   model, step = load_params(str(run))
   assert step == 2
   assert "checkpoint step 4" in capsys.readouterr().err
@@ -139,7 +129,7 @@ def test_loading_for_export_and_decode_skips_damaged_steps(base, tmp_path, capsy
     load_params(str(run), 4)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint step 7 \(steps: \[2, 4\]\)"):
     load_params(str(run), 7)
-  assert _tree(run) == before   # reading never moves or deletes anything
+  assert tree(run) == before   # reading never moves or deletes anything
 
 
 def test_resume_with_a_changed_computation_field_names_it(base, tmp_path):

@@ -12,6 +12,7 @@ from coder_jax.hf.__main__ import main
 from coder_jax.model.checkpoint import CONFIG_NAME
 from coder_jax.model.config import get_config
 from coder_jax.model.decoder import init_model
+from file_tree import tree
 
 
 def _params(m):
@@ -81,18 +82,6 @@ def test_errors_return_2_and_print_error(tmp_path, capsys):
   assert os.listdir(existing) == ["keep.txt"] and (existing / "keep.txt").read_text() == "keep"
 
 
-def _tree(d):
-  """Every file under d (relative path -> bytes) and every directory (-> None)."""
-  out = {}
-  for root, dirs, files in os.walk(d):
-    for n in dirs:
-      out[os.path.relpath(os.path.join(root, n), d) + "/"] = None
-    for n in files:
-      with open(os.path.join(root, n), "rb") as fh:
-        out[os.path.relpath(os.path.join(root, n), d)] = fh.read()
-  return out
-
-
 def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
   export = str(tmp_path / "export")
   assert main(["export", "--preset", "tiny", "--seed", "1", "--out", export]) == 0
@@ -111,11 +100,11 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
       str(user): "notes.md", str(nested): "sub", str(afile): "not a directory",
       ck: "source", str(tmp_path / "parent"): "source", os.path.join(ck, "params"): "source"}
   for out, named in refused.items():
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert main(["export", "--checkpoint", ck, "--out", out, "--overwrite"]) == 2, out
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and named in err, (out, err)
-    assert _tree(tmp_path) == before, out   # nothing changed, nothing left behind
+    assert tree(tmp_path) == before, out   # nothing changed, nothing left behind
   # An earlier export (with the files an export writes) and an empty directory are replaced.
   for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
     (tmp_path / "export" / name).write_text("{}")

@@ -3,7 +3,6 @@ the chat template is DeepSeek-Coder-V2-Instruct's, and pipeline("text-generation
 same greedy tokens as `python -m coder_jax.decode`. Import keeps the tokenizer; the training
 directory's tokenizer is the default; --overwrite never touches a training directory."""
 
-import hashlib
 import json
 import os
 import sysconfig
@@ -19,6 +18,7 @@ from coder_jax.decode.__main__ import main as decode_main
 from coder_jax.decode.generate import generate_ids
 from coder_jax.hf.__main__ import main as hf_main
 from coder_jax.model.config import get_config
+from file_tree import tree
 from random_params import random_model_state
 
 # Written out, not imported from the code under test.
@@ -35,18 +35,6 @@ def train_small_tokenizer(path, vocab_size=512, n_files=60):
   texts = [open(os.path.join(root, n), encoding="utf-8").read() for n in names]
   tk.train_tokenizer(texts, vocab_size, str(path))
   return str(path)
-
-
-def tree(d):
-  """Every file under d (relative path -> sha256) and every directory (-> None)."""
-  out = {}
-  for root, dirs, files in os.walk(d):
-    for n in dirs:
-      out[os.path.relpath(os.path.join(root, n), d) + "/"] = None
-    for n in files:
-      with open(os.path.join(root, n), "rb") as fh:
-        out[os.path.relpath(os.path.join(root, n), d)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
 
 
 @pytest.fixture(scope="module")

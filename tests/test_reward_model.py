@@ -13,7 +13,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from transformers import (AutoTokenizer, DeepseekV2Config, DeepseekV2ForSequenceClassification)
+from transformers import AutoTokenizer, DeepseekV2ForSequenceClassification
 
 from coder_jax import hf, reward
 from coder_jax.data.tokenizer import train_tokenizer
@@ -29,7 +29,7 @@ from coder_jax.train.reward_losses import (expected_calibration_error, pairwise_
                                            pairwise_objective, pointwise_objective,
                                            reward_metrics, roc_auc)
 from coder_jax.train.step import make_step
-from hf_oracle import BASE, rel_err
+from hf_oracle import BASE, random_hf_model, rel_err
 
 TOL = 1e-4
 PAD = 0
@@ -273,16 +273,8 @@ CASES = {"qlora_null_greedy": dict(),
 
 
 def _random_hf_rm(seed, **overrides):
-  torch.manual_seed(seed)
-  cfg = DeepseekV2Config(**{**BASE, **overrides}, num_labels=1, pad_token_id=PAD)
-  model = DeepseekV2ForSequenceClassification(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      if p.dim() > 1:
-        p.normal_(0.0, 0.15)
-      else:
-        p.uniform_(0.5, 1.5)
-  return model
+  return random_hf_model(seed, DeepseekV2ForSequenceClassification,
+                         **{**overrides, "num_labels": 1, "pad_token_id": PAD})
 
 
 def _right_padded(seed, lengths, t=40, vocab=300):
