@@ -145,8 +145,8 @@ def build_setup(out: str, num_prompts: int) -> dict:
   if tok.get_vocab_size(with_added_tokens=True) != MODEL["vocab_size"]:
     raise RuntimeError(f"the tokenizer has {tok.get_vocab_size()} tokens, not "
                        f"{MODEL['vocab_size']}")
-  # Prompts of one 16-token bucket (the fullest), so that the sampler, which pads prompts to
-  # the bucket of the longest, compiles once; a new bucket costs one compile (see --profile).
+  # Prompts of one 16-token bucket (the fullest): close lengths, as in the earlier results (the
+  # stage's sampler pads every batch to the longest prompt of the run, so it compiles once).
   n_ids = {p.task_id: 1 + len(tok.encode(prompt_text(p), add_special_tokens=False).ids)
            for p in items}
   buckets = collections.Counter(-(-n // 16) for n in n_ids.values())
@@ -169,8 +169,8 @@ def build_setup(out: str, num_prompts: int) -> dict:
       f.write(json.dumps({"task_id": p.task_id, "prompt": p.prompt, "entry_point": p.entry_point,
                           "tests": p.tests, "split": p.split,
                           "canonical_solution": p.canonical_solution}) + "\n")
-  # One row length for every step (the loop compiles one shape): the longest prompt + 32, in 16s.
-  seq_len = -(-(max(lengths) + NEW_TOKENS) // 16) * 16
+  # The stage's row: the longest prompt (its prompt slot) + 32 new tokens, less one.
+  seq_len = max(lengths) + NEW_TOKENS - 1
   return {"dir": out, "hf_dir": hf_dir, "tokenizer": tok_path, "pool": pool_path,
           "params": sum(x.numel() for x in model.parameters()),
           "prompt_tokens": [min(lengths), round(statistics.mean(lengths)), max(lengths)],
@@ -216,16 +216,18 @@ class Pieces:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     self.mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     optimizer, schedule = make_optimizer(optimizer_config(), train_steps)
+    slot = setup["prompt_tokens"][2]     # what grpo() takes: the longest prompt
     with jax.set_mesh(self.mesh):
       self.graphdef, self.state, shardings = init_state(cfg, optimizer, self.mesh, params=params)
     self.objective = stage.grpo_objective(cfg, temperature=1.0, eps_low=0.2, eps_high=0.2,
                                           beta=BETA, aggregation="token_mean",
-                                          alphas=BalanceLossConfig(0.0, 0.0, 0.0))
+                                          alphas=BalanceLossConfig(0.0, 0.0, 0.0),
+                                          start=slot - 1)
     self.step_fn = jax.jit(make_step(self.graphdef, optimizer, schedule, self.objective),
                            in_shardings=(shardings, None),
                            out_shardings=(shardings, NamedSharding(self.mesh, P())),
                            donate_argnums=0)
-    self.reference = stage._reference(self.graphdef, cfg, params, 1.0)
+    self.reference = stage._reference(self.graphdef, cfg, params, 1.0, slot - 1)
 
     def reward_fn(problems, replies):
       self.seen["problems"], self.seen["replies"] = problems, replies
@@ -235,7 +237,7 @@ class Pieces:
         problems=load_pool(setup), tokenizer=load_tokenizer(setup["tokenizer"]),
         tokenizer_path=setup["tokenizer"], graphdef=self.graphdef, cfg=cfg, mesh=self.mesh,
         rows=PROMPTS * GROUP, global_rows=PROMPTS * GROUP, shard=0, group_size=GROUP,
-        seq_len=setup["seq_len"], max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
+        prompt_slot=slot, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
         reward=stage.RewardConfig(rm_weight=0.0, functions=(clock.wrap("reward", reward_fn),)),
         scorer=None, ref_logp=clock.wrap("reference", self.reference), updates=1, seed=0,
         start_batch=0)
@@ -355,7 +357,7 @@ def run_profile(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
   tok, eos = base.rollouts.tok, base.rollouts.eos
   prompts = [[base.rollouts.bos] + tok.encode(prompt_text(p), add_special_tokens=False).ids
              for p in base.rollouts._problems(0) for _ in range(GROUP)]
-  t = gen._bucket(max(map(len, prompts)))
+  t = base.rollouts.prompt_slot             # the stage pads prompts to it
   ids = jnp.asarray([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
   lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
   table, live = gen._stop_table(())

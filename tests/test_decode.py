@@ -127,6 +127,8 @@ def test_greedy_is_deterministic_and_rows_are_independent():
     assert generate_ids(model, [p], max_new_tokens=10).tokens[0] == t
   unrolled = init_model(TINY.replace(scan_layers=False), seed=2)   # prefill without the scan
   assert generate_ids(unrolled, PROMPTS, max_new_tokens=10) == a
+  # A wider prompt slot (GRPO pads every batch to one) changes nothing.
+  assert generate_ids(model, PROMPTS, max_new_tokens=10, prompt_slot=23) == a
 
 
 def test_seeded_sampling_is_reproducible():
@@ -183,6 +185,7 @@ def test_decode_kernels_generate_like_the_reference(impl):
     (dict(prompts=[[1, 600]]), "must be in \\[0, 512\\)"),
     (dict(max_new_tokens=4000), "exceeds max_position_embeddings 2048"),
     (dict(attention_impl="nope"), "unknown implementation 'nope'"),
+    (dict(prompt_slot=1), "prompt_slot 1 is shorter than the longest prompt \\(2\\)"),
 ])
 def test_bad_settings_raise_clear_errors(bad, msg):
   prompts = bad.pop("prompts", [[1, 2]])

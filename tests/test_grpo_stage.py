@@ -81,7 +81,8 @@ def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path):
   assert abs(first["ratio"] - 1.0) < 1e-4, first["ratio"]
   assert first["clip_fraction"] == 0.0 and abs(first["kl"]) < 1e-6
   for key in ("reward_mean", "reward_std", "response_len", "entropy", "samples_per_s",
-              "time_sampling_s", "time_reward_s", "kl", "clip_fraction", "policy_loss"):
+              "time_sampling_s", "time_reward_s", "time_wait_update_s", "kl", "clip_fraction",
+              "policy_loss"):
     assert key in first, key
   assert first["entropy"] > 0 and 0 < first["response_len"] <= 13
   assert m[2]["kl"] >= 0

@@ -88,6 +88,34 @@ def test_gradients_equal_those_through_full_logits(chunk_size):
       assert _rel(g, h) <= 1e-5
 
 
+@pytest.mark.parametrize("start", [5, 13])
+def test_start_skips_earlier_positions_values_and_gradients(start):
+  """Positions before `start` are 0; later ones and the gradient of their weighted sum are the
+  full computation's (the projection runs on T - start positions)."""
+  model = init_model(TINY, seed=3)
+  inputs, targets, seg = _batch(3)
+  graphdef, state = nnx.split(model)
+  keep = jnp.asarray(np.arange(T) >= start, jnp.float32)[None]
+  w = jnp.asarray(np.random.default_rng(4).normal(size=(B, T)), jnp.float32) * keep
+
+  def f(s, start):
+    logp, ent = token_logprobs(nnx.merge(graphdef, s), inputs, targets, seg, chunk_size=4,
+                               temperature=0.7, return_entropy=True, start=start)
+    return jnp.sum(w * logp) + 0.1 * jnp.sum(w * ent), (logp, ent)
+
+  (_, (logp, ent)), got = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)(state,
+                                                                                       start)
+  want_logp, want_ent = _oracle(model, inputs, targets, seg, 0.7)
+  assert logp.shape == (B, T) and not np.any(np.asarray(logp)[:, :start])
+  assert not np.any(np.asarray(ent)[:, :start])
+  assert _rel(np.asarray(logp)[:, start:], want_logp[:, start:]) <= 1e-5
+  assert _rel(np.asarray(ent)[:, start:], want_ent[:, start:]) <= 1e-5
+  want = jax.jit(jax.grad(lambda s: f(s, 0)[0]))(state)
+  for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if np.any(np.asarray(h)):
+      assert _rel(g, h) <= 1e-5
+
+
 def _vocab_buffers(hlo: str, vocab: int) -> list[int]:
   """Element counts of every f32 array in the HLO text with a dimension of size `vocab`."""
   sizes = []
@@ -175,6 +203,8 @@ def test_eos_logprob_is_that_of_the_stopping_token():
 @pytest.mark.parametrize("kw, msg", [
     (dict(chunk_size=0), "chunk_size must be a positive int"),
     (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(start=4), r"start must be an int in \[0, 4\)"),
+    (dict(start=-1), r"start must be an int in \[0, 4\)"),
     (dict(targets=jnp.zeros((1, 3), jnp.int32)), "targets must have the shape of inputs"),
 ])
 def test_bad_arguments_raise_clear_errors(kw, msg):

@@ -129,11 +129,15 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p):
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  eos_id: int | None = None, stop_ids: Sequence[Sequence[int]] = (), seed: int = 0,
-                 attention_impl: str = "auto", mesh=None) -> Generated:
+                 attention_impl: str = "auto", mesh=None,
+                 prompt_slot: int | None = None) -> Generated:
   """Token-level generation for a batch of token-id prompts (see `generate` for the settings).
 
   mesh: run sharded like training (parameters as they are placed; rows over the batch axes);
   the batch is padded to a multiple of the devices that split it.
+  prompt_slot: pad every batch's prompts to this many tokens (at least the longest), so that
+  batches of other prompt lengths reuse one compiled program; default: the longest prompt
+  rounded up to a multiple of 16 (a new multiple compiles again).
   """
   _check_settings(max_new_tokens, temperature, top_k, top_p)
   prompts = [list(map(int, p)) for p in prompts]
@@ -151,7 +155,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
   if mesh is not None:
     split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape]))
     rows = -(-n // split) * split
-  t = _bucket(max(map(len, prompts)))
+  longest = max(map(len, prompts))
+  if prompt_slot is not None and prompt_slot < longest:
+    raise ValueError(f"prompt_slot {prompt_slot} is shorter than the longest prompt ({longest})")
+  t = _bucket(longest) if prompt_slot is None else prompt_slot
   ids = np.zeros((rows, t), np.int32)
   lengths = np.ones((rows,), np.int32)
   for i, p in enumerate(prompts + [prompts[0]] * (rows - n)):

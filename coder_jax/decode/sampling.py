@@ -39,7 +39,11 @@ def sample(logits_BV, key, *, temperature, top_k, top_p):
   top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
   greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   scaled = logits_BV.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  filtered = filter_logits(scaled, top_k=top_k[:, None], top_p=top_p[:, None])
+  # The filters sort the whole vocabulary; skip them (at run time: the settings are traced)
+  # when no row asks for one, as GRPO's plain temperature sampling does not.
+  filtered = jax.lax.cond(
+      jnp.any((top_k > 0) | (top_p < 1)),
+      lambda x: filter_logits(x, top_k=top_k[:, None], top_p=top_p[:, None]), lambda x: x, scaled)
   drawn_B = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
   return jnp.where(temperature > 0, drawn_B, greedy_B)
 

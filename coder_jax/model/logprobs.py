@@ -29,7 +29,7 @@ def _chunk_stats(model, h_BCD, targets_BC, temperature, with_entropy: bool):
 
 def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_BT=None, *,
                    chunk_size: int = 1024, temperature=1.0, return_entropy: bool = False,
-                   return_aux: bool = False):
+                   return_aux: bool = False, start: int = 0):
   """log softmax(logits / temperature)[target] per position, float32 [B, T]; differentiable.
 
   inputs_BT / segment_ids_BT / positions_BT: as for the model's forward. targets_BT: the id
@@ -38,6 +38,9 @@ def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_
   (every row at once); at most [B, chunk_size, vocab] logits exist at any time (per device:
   its rows of them). temperature: the sampler's (> 0); the log-probabilities of a sampled
   token under the distribution it was drawn from, before top-k / top-p filtering.
+  start: the first position whose log-probability is wanted (TRL's `logits_to_keep` from the
+  other end): the vocabulary projection runs on positions [start, T) only; earlier positions
+  get 0 (and entropy 0). GRPO puts every response after a fixed prompt slot for this.
 
   Returns logp_BT; with return_entropy / return_aux a tuple (logp_BT, [entropy_BT], [aux]):
   entropy of the tempered distribution per position, and the forward's aux dict ({'router':
@@ -51,7 +54,11 @@ def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_
   if targets_BT.shape != jnp.shape(inputs_BT):
     raise ValueError(f"targets must have the shape of inputs {jnp.shape(inputs_BT)}, "
                      f"got {targets_BT.shape}")
+  t_all = targets_BT.shape[1]
+  if not isinstance(start, int) or not 0 <= start < t_all:
+    raise ValueError(f"start must be an int in [0, {t_all}); got {start!r}")
   h_BTD, aux = model.hidden_states(inputs_BT, segment_ids_BT, positions_BT)
+  h_BTD, targets_BT = h_BTD[:, start:], targets_BT[:, start:]
   b, t, d = h_BTD.shape
   n = -(-t // chunk_size)
   c = -(-t // n)                     # balanced chunks: the padding stays under n positions
@@ -76,7 +83,7 @@ def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_
     _, (logp_NBC, ent_NBC) = jax.lax.scan(body, None, (h_NBCD, tgt_NBC))
 
   def unchunk(x_NBC):
-    return x_NBC.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    return jnp.pad(x_NBC.swapaxes(0, 1).reshape(b, n * c)[:, :t], ((0, 0), (start, 0)))
 
   out = (unchunk(logp_NBC),)
   if return_entropy:

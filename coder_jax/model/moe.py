@@ -93,17 +93,21 @@ def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
   """Exact grouped SwiGLU without a dense lowering: token copies sorted by expert, each group
   padded to whole tiles of `tile` rows, then one `lax.scan` step per tile multiplies the tile by
   its single expert's weights. Work is about N*k + E*tile rows (XLA:CPU lowers ragged_dot to a
-  dense product over all E experts, which this avoids)."""
+  dense product over all E experts, which this avoids). When every expert on every token is
+  fewer rows than that bound (a decode step's few tokens), the dense product is taken instead."""
   n, k = experts_NK.shape
   e, d, _ = w_gate_EDF.shape
   m = n * k
+  if n * e <= ((m + tile - 1) // tile + e) * tile:
+    return dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                         dtype=dtype)
   flat = experts_NK.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   sizes = jnp.bincount(flat, length=e)
   padded = (sizes + tile - 1) // tile * tile
   starts = jnp.cumsum(sizes) - sizes
   pstarts = jnp.cumsum(padded) - padded
-  num_tiles = (m + tile - 1) // tile + e       # static bound on sum(padded) / tile
+  num_tiles = (m + tile - 1) // tile + e       # static bound on sum(padded) / tile (as above)
   sorted_e = flat[order]
   dest = pstarts[sorted_e] + jnp.arange(m) - starts[sorted_e]
   xpad = jnp.zeros((num_tiles * tile, d), dtype).at[dest].set(x_ND.astype(dtype)[order // k])

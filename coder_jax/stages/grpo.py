@@ -76,7 +76,9 @@ def function_rewards(fn, problems, replies) -> tuple[np.ndarray, str | None]:
 
 
 def grpo_objective(cfg, *, temperature, eps_low, eps_high, beta, aggregation, alphas,
-                   chunk_size=1024) -> Objective:
+                   chunk_size=1024, start: int = 0) -> Objective:
+  """start: the first position that can hold a response token (Rollouts' prompt_slot - 1);
+  the vocabulary projection skips the positions before it."""
 
   def norms(batch):
     m = batch["mask"].astype(jnp.float32)
@@ -87,7 +89,7 @@ def grpo_objective(cfg, *, temperature, eps_low, eps_high, beta, aggregation, al
     logp, entropy, aux = token_logprobs(model, mb["inputs"], mb["targets"], mb["segment_ids"],
                                         mb["positions"], chunk_size=chunk_size,
                                         temperature=temperature, return_entropy=True,
-                                        return_aux=True)
+                                        return_aux=True, start=start)
     loss, metrics = grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"],
                               mb["mask"], eps_low=eps_low, eps_high=eps_high, beta=beta,
                               aggregation=aggregation, num_tokens=n["tokens"], num_rows=n["rows"])
@@ -117,13 +119,15 @@ class Rollouts:
   needs_state = True
 
   def __init__(self, *, problems, tokenizer, tokenizer_path, graphdef, cfg, mesh, rows: int,
-               global_rows: int, shard: int, group_size: int, seq_len: int, max_new_tokens: int,
+               global_rows: int, shard: int, group_size: int, prompt_slot: int,
+               max_new_tokens: int,
                temperature: float, top_p: float, reward: RewardConfig, scorer, ref_logp,
                updates: int, seed: int, start_batch: int):
     self.problems, self.tok, self.tokenizer_path = problems, tokenizer, tokenizer_path
     self.graphdef, self.cfg, self.mesh = graphdef, cfg, mesh
     self.rows, self.global_rows, self.shard, self.g = rows, global_rows, shard, group_size
-    self.seq_len, self.max_new = seq_len, max_new_tokens
+    self.prompt_slot, self.max_new = prompt_slot, max_new_tokens
+    self.seq_len = row_len(prompt_slot, max_new_tokens)
     self.temperature, self.top_p, self.reward, self.scorer = temperature, top_p, reward, scorer
     self.ref_logp, self.updates, self.seed = ref_logp, updates, seed
     self.batches = start_batch
@@ -156,6 +160,10 @@ class Rollouts:
   def _sample(self, rollout: int, params):
     from coder_jax.decode.generate import generate_ids
     from coder_jax.problems import execution_rewards
+    # The loop dispatches the previous update asynchronously: wait for it apart, so that the
+    # sampling time is sampling alone.
+    t_wait = time.perf_counter()
+    jax.block_until_ready(params)
     t0 = time.perf_counter()
     probs = self._problems(rollout)
     prompts = [[self.bos] + self.tok.encode(prompt_text(p), add_special_tokens=False).ids
@@ -164,7 +172,8 @@ class Rollouts:
     policy = nnx.merge(self.graphdef, jax.tree.map(lambda x: x.astype(dt), params))
     out = generate_ids(policy, prompts, max_new_tokens=self.max_new,
                        temperature=self.temperature, top_p=self.top_p, eos_id=self.eos,
-                       seed=self.seed * 1_000_003 + rollout * 64 + self.shard, mesh=self.mesh)
+                       seed=self.seed * 1_000_003 + rollout * 64 + self.shard, mesh=self.mesh,
+                       prompt_slot=self.prompt_slot)
     t1 = time.perf_counter()
     replies = [self.tok.decode(t) for t in out.tokens]
     group_problems = [p for p in probs for _ in range(self.g)]
@@ -196,13 +205,16 @@ class Rollouts:
     lengths = [len(t) + (f == "eos") for t, f in zip(out.tokens, out.finish_reason)]
     metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                    response_len=float(np.mean(lengths)), samples_per_s=len(prompts) / (t1 - t0),
-                   time_sampling_s=t1 - t0, time_reward_s=t2 - t1,
+                   time_wait_update_s=t0 - t_wait, time_sampling_s=t1 - t0,
+                   time_reward_s=t2 - t1,
                    time_reference_s=time.perf_counter() - t2)
     return batch, metrics
 
   def _layout(self, prompts, out) -> dict:
     """[rows, seq_len] rows of prompt + response: targets are the next tokens; mask and
-    old_logp cover the response tokens (the closing EOS included)."""
+    old_logp cover the response tokens (the closing EOS included). Each prompt is padded on the
+    left (segment 0) to end at column prompt_slot, so every response starts at prompt_slot - 1
+    and the log-probabilities skip the columns before it."""
     r, t = len(prompts), self.seq_len
     b = {k: np.zeros((r, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions",
                                                   "mask")}
@@ -212,17 +224,24 @@ class Rollouts:
       resp = list(toks) + ([self.eos] if fin == "eos" else [])
       resp_lp = list(lps) + ([eos_lp] if fin == "eos" else [])
       ids = p + resp
-      if len(ids) - 1 > t:
-        raise ValueError(f"grpo: seq_len {t} is shorter than a prompt ({len(p)} tokens) + "
-                         f"max_new_tokens {self.max_new}; raise seq_len")
+      o = self.prompt_slot - len(p)
       n = len(ids) - 1
-      b["inputs"][i, :n] = ids[:-1]
-      b["targets"][i, :n] = ids[1:]
-      b["segment_ids"][i, :n] = 1
-      b["positions"][i, :n] = np.arange(n)
-      b["mask"][i, len(p) - 1:n] = 1
-      b["old_logp"][i, len(p) - 1:n] = resp_lp
+      if o < 0 or o + n > t:
+        raise ValueError(f"grpo: a prompt of {len(p)} tokens + {len(resp)} response tokens "
+                         f"does not fit the prompt slot {self.prompt_slot} + max_new_tokens "
+                         f"{self.max_new}")
+      b["inputs"][i, o:o + n] = ids[:-1]
+      b["targets"][i, o:o + n] = ids[1:]
+      b["segment_ids"][i, o:o + n] = 1
+      b["positions"][i, o:o + n] = np.arange(n)
+      b["mask"][i, self.prompt_slot - 1:o + n] = 1
+      b["old_logp"][i, self.prompt_slot - 1:o + n] = resp_lp
     return b
+
+
+def row_len(prompt_slot: int, max_new_tokens: int) -> int:
+  """Columns of a GRPO row: the prompt slot and the response, less the last target's input."""
+  return prompt_slot + max_new_tokens - 1
 
 
 @gin.configurable
@@ -248,10 +267,14 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
          init_step: int | None = None, checkpoint_every: int = 50,
          keep_checkpoints: int | None = 3, async_checkpoints: bool = True, log_every: int = 1,
          max_consecutive_nonfinite: int = 5, stop_after: int | None = None,
-         dry_run: bool = False, dry_run_devices: int | None = None):
+         dry_run: bool = False, dry_run_devices: int | None = None, aot=None):
   """GRPO from a policy (init_from_checkpoint: an SFT run's MODEL_DIR, or init_from_hf); one
-  step is one policy update on prompts_per_step x group_size samples. dry_run: the mesh and
-  per-device memory of the policy's train state (the reference and reward model come on top)."""
+  step is one policy update on prompts_per_step x group_size samples. A row is the run's longest
+  prompt (others padded on the left) + max_new_tokens - 1 tokens; seq_len bounds it (prompts
+  that would exceed it are left out and counted). dry_run: the mesh and
+  per-device memory of the policy's train state (the reference and reward model come on top).
+  aot: compile the policy's train step and the sampler for a TPU topology instead
+  (--compile_topology, train/aot.py), prompts at their longest (seq_len - max_new_tokens + 1)."""
   if not isinstance(group_size, int) or group_size < 2:
     raise ValueError(f"grpo: group_size must be >= 2 (advantages compare a prompt's samples); "
                      f"got {group_size}")
@@ -267,7 +290,23 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                                   dry_run=dry_run)
   if dry_run:
     from coder_jax.stages.pretrain import dry_run_report
-    optimizer, _ = make_optimizer(optimizer_config or OptimizerConfig(), train_steps)
+    optimizer, schedule = make_optimizer(optimizer_config or OptimizerConfig(), train_steps)
+    if aot is not None:
+      from coder_jax.train.aot import compile_train_step
+      from coder_jax.train.flops import train_flops_per_token
+      slot = seq_len - max_new_tokens + 1
+      objective = grpo_objective(cfg, temperature=temperature, eps_low=eps_low,
+                                 eps_high=eps_high, beta=beta, aggregation=aggregation,
+                                 alphas=balance_loss or BalanceLossConfig(0.0, 0.0, 0.0),
+                                 start=slot - 1)
+      return compile_train_step(
+          aot, cfg=cfg, mesh_cfg=mesh_config or MeshConfig(), optimizer=optimizer,
+          schedule=schedule, objective=objective,
+          make_step=lambda gd: make_step(gd, optimizer, schedule, objective),
+          batch_size=prompts_per_step * group_size, seq_len=row_len(slot, max_new_tokens),
+          flops_per_token=train_flops_per_token(cfg, seq_len), stage="grpo",
+          decode=dict(rows=prompts_per_step * group_size, prompt_len=slot,
+                      max_new_tokens=max_new_tokens))
     return dry_run_report(cfg, mesh_config or MeshConfig(), optimizer,
                           num_devices=dry_run_devices or jax.device_count(),
                           batch_size=prompts_per_step * group_size, seq_len=seq_len,
@@ -278,12 +317,19 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     raise ValueError(f"grpo: the tokenizer {prompts.tokenizer} has {n_tok} tokens but the "
                      f"policy's vocab_size is {cfg.vocab_size}; it is not this policy's tokenizer")
   items, skipped = problem_set.load(prompts.path, split=prompts.split)
-  limit = prompts.max_prompt_tokens or seq_len - max_new_tokens - 1
-  fits = [p for p in items
-          if 1 + len(tok.encode(prompt_text(p), add_special_tokens=False).ids) <= limit]
+  # A row holds the prompt (BOS included) and max_new_tokens, less the last target's input.
+  limit = seq_len - max_new_tokens + 1
+  if prompts.max_prompt_tokens:
+    limit = min(limit, prompts.max_prompt_tokens)
+  lengths = [1 + len(tok.encode(prompt_text(p), add_special_tokens=False).ids) for p in items]
+  fits = [p for p, n in zip(items, lengths) if n <= limit]
   if not fits:
     raise ValueError(f"grpo: no problem's prompt fits in {limit} tokens (seq_len {seq_len} - "
-                     f"max_new_tokens {max_new_tokens} - 1)")
+                     f"max_new_tokens {max_new_tokens} + 1, or ProblemPrompts.max_prompt_tokens)")
+  # Every batch pads its prompts to the longest one of the run: one sampler program, and the
+  # responses start at one column, where the log-probabilities start.
+  prompt_slot = max(n for n in lengths if n <= limit)
+  seq_len = row_len(prompt_slot, max_new_tokens)
   print(f"grpo: {len(fits)} problems ({len(items) - len(fits)} prompts too long, "
         f"{sum(skipped.values())} malformed records skipped)", flush=True)
   alphas = balance_loss or BalanceLossConfig(0.0, 0.0, 0.0)
@@ -295,17 +341,18 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                                      init_from_checkpoint=init_from_checkpoint,
                                      init_step=init_step)
   graphdef, _ = train_state.abstract_model(cfg)
-  ref_fn = _reference(graphdef, cfg, init(), temperature) if beta else None
+  ref_fn = _reference(graphdef, cfg, init(), temperature, prompt_slot - 1) if beta else None
   scorer = None
   if reward.rm_weight:
     from coder_jax.reward import load as load_reward_model
     scorer = load_reward_model(reward.reward_model)
   objective = grpo_objective(cfg, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
-                             beta=beta, aggregation=aggregation, alphas=alphas)
+                             beta=beta, aggregation=aggregation, alphas=alphas,
+                             start=prompt_slot - 1)
   data = _RolloutData(dict(problems=fits, tokenizer=tok,
                            tokenizer_path=os.path.abspath(prompts.tokenizer), graphdef=graphdef, cfg=cfg,
                            mesh=mesh, global_rows=batch_size, group_size=group_size,
-                           seq_len=seq_len, max_new_tokens=max_new_tokens,
+                           prompt_slot=prompt_slot, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, reward=reward, scorer=scorer,
                            ref_logp=ref_fn, updates=updates_per_batch, seed=seed))
   return loop.run(
@@ -332,13 +379,14 @@ class _RolloutData:
     return Rollouts(**self.kw, rows=batch_rows, shard=shard, start_batch=start_batch)
 
 
-def _reference(graphdef, cfg, params, temperature):
-  """Frozen reference log-probabilities of a batch's targets (the policy GRPO starts from)."""
+def _reference(graphdef, cfg, params, temperature, start: int = 0):
+  """Frozen reference log-probabilities of a batch's targets (the policy GRPO starts from),
+  from position `start` on."""
 
   @jax.jit
   def fn(p, inputs, targets, segment_ids, positions):
     return token_logprobs(nnx.merge(graphdef, p), inputs, targets, segment_ids, positions,
-                          temperature=temperature)
+                          temperature=temperature, start=start)
 
   def ref_logp(batch):
     out = fn(params, *(jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids",
