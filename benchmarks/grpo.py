@@ -328,29 +328,15 @@ def run_stage(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
 # --- coder_jax: where the step's time goes (--profile).
 
 
-def fewest_rows_experts(x_ND, experts_NK, weights_NK, w_gate, w_up, w_down, *, dtype, tile=128):
-  """Profiling variant (registered as moe_impl "fewest_rows"): the dense expert path when it
-  multiplies fewer rows than the tiled scan's static bound ((N k / tile + E) tiles), as in a
-  decode step (N = batch), else the tiled scan."""
-  from coder_jax.model.moe import dense_experts, tiled_experts
-  n, k = experts_NK.shape
-  e = w_gate.shape[0]
-  fn = dense_experts if n * e <= (-(-n * k // tile) + e) * tile else tiled_experts
-  return fn(x_ND, experts_NK, weights_NK, w_gate, w_up, w_down, dtype=dtype)
-
-
 def run_profile(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
-  """Wall / CPU seconds of the step's parts and of variants that change only a runtime setting,
-  stub one function or register one MoE impl (no library edit): every part compiled first,
-  then 3 rounds that run each part once in turn (so load drifts hit all alike); medians."""
+  """Wall / CPU seconds of the step's parts and of variants that change only a runtime setting:
+  every part compiled first, then 3 rounds that run each part once in turn (so load drifts hit
+  all alike); medians."""
   import jax
   from flax import nnx
 
-  from coder_jax.decode import sampling
-  from coder_jax.model import register_moe_impl
   from coder_jax.stages.grpo import prompt_text
   gen = importlib.import_module("coder_jax.decode.generate")
-  register_moe_impl("fewest_rows", fewest_rows_experts)
   jnp, out, parts = jax.numpy, {}, {}
   base = Pieces(setup, 10, Clock())
   local = base.rollout()                    # a real batch of the benchmark's shapes
@@ -368,7 +354,6 @@ def run_profile(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
     graphdef, state = nnx.split(nnx.merge(p.graphdef, params))
     args = (state, ids, lengths, jax.random.key(0), jnp.float32(1.0), jnp.int32(0),
             jnp.float32(1.0), jnp.int32(eos), table, live)
-    jax.clear_caches()      # a stub below must not meet a cached trace
     w = time.perf_counter()
     with jax.set_mesh(p.mesh):
       exe = gen._generate.lower(graphdef, *args, max_new_tokens=NEW_TOKENS, attend="auto").compile()
@@ -388,25 +373,16 @@ def run_profile(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
       jax.block_until_ready(m)
     parts[name] = one
 
-  fewest = Pieces(setup, 10, Clock(), moe_impl="fewest_rows")
+  unrolled = Pieces(setup, 10, Clock(), scan_layers=False)
   sampler("generate (as the stage samples)", base)
   params = jax.tree.map(jnp.copy, base.state["params"])
   graphdef, state = nnx.split(nnx.merge(base.graphdef, params))
   prefill = jax.jit(lambda s: gen.prefill(nnx.merge(graphdef, s), ids, lengths, t + NEW_TOKENS))
   parts["  its prefill alone"] = lambda: jax.block_until_ready(prefill(state))
-  sampler("  MoE: dense path when it has fewer rows (decode steps)", fewest)
-  keep = sampling.filter_logits
-  # The sampler sorts the vocabulary every token for top-k / top-p even when both are off
-  # (top_k 0, top_p 1, as here); stubbed, the same program without that sort.
-  sampling.filter_logits = lambda logits, **_: logits.astype(jnp.float32)
-  try:
-    sampler("  no vocabulary sort per token", base)
-    sampler("  both of the above", fewest)
-  finally:
-    sampling.filter_logits = keep
+  sampler("  scan_layers False (layers unrolled in the decode step)", unrolled)
   parts["reference forward (the stage's)"] = lambda: base.reference(local)
   updater("update (the jitted train step)", base)
-  updater("  scan_layers False", Pieces(setup, 10, Clock(), scan_layers=False))
+  updater("  scan_layers False", unrolled)
   times = {name: [] for name in parts}
   for fn in parts.values():
     fn()                              # first runs (allocations) untimed

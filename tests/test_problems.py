@@ -176,6 +176,25 @@ def test_execution_rewards_verdicts():
   assert set(reasons) <= set(problems.REWARD_REASONS)
 
 
+def test_format_rewards_need_a_compiling_body_that_returns_a_value():
+  completions = ["    return 2 * x\n",
+                 "    if x:\n        return x\n    return -x\n",  # a return in a branch
+                 "    y = x\n    return y if y else 0\n",
+                 "",                                   # the docstring alone compiles
+                 "    pass\n",
+                 "    if x:\n        return\n",         # returns no value
+                 "    def g():\n        return 1\n",    # only a nested function returns
+                 "    return (\n",                       # does not compile
+                 "    return 2 * x\x00\n",
+                 "    return " + "(" * 5000 + "x" + ")" * 5000 + "\n",  # too deep for the parser
+                 None]
+  got = problems.format_rewards([DOUBLE] * len(completions), completions)
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+  with pytest.raises(ValueError, match="1 problems but 2 completions"):
+    problems.format_rewards([DOUBLE], ["", ""])
+
+
 def test_execution_rewards_timeout():
   rewards, reasons = problems.execution_rewards(
       [DOUBLE], ["    while True:\n        pass\n"], timeout_s=0.5)

@@ -314,6 +314,6 @@ def test_gin_binds_the_template(env, tmp_path):
 
 
 def test_tokenizing_in_chunks_changes_nothing(env):
-  from coder_jax.data.chat import _encoded
+  from coder_jax.data.chat import encode_runs
   runs = [ChatTemplate().runs(c) for c in env["convs"]]
-  assert list(_encoded(env["tok"], runs, chunk=5)) == list(_encoded(env["tok"], runs))
+  assert list(encode_runs(env["tok"], runs, chunk=5)) == list(encode_runs(env["tok"], runs))

@@ -144,13 +144,14 @@ class ChatExamples:
             + (f" ({why})" if why else ""))
 
 
-def _lines(path: str) -> Iterator[bytes]:
+def read_lines(path: str) -> Iterator[bytes]:
+  """The raw lines of a JSONL file (gzip when it ends in .gz)."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as fh:
     yield from fh
 
 
-def _encoded(tok, convs: list, chunk: int = 2048) -> Iterator[tuple[list, list[list[int]]]]:
+def encode_runs(tok, convs: list, chunk: int = 2048) -> Iterator[tuple[list, list[list[int]]]]:
   """(runs, token ids of each run) per conversation. Batched calls let the Rust side work in
   parallel; chunks bound the memory its Encoding objects take (~100 bytes a token)."""
   for at in range(0, len(convs), chunk):
@@ -171,7 +172,7 @@ def load_examples(path: str, tokenizer: str, template: ChatTemplate, seq_len: in
   path = os.path.abspath(path)
   skipped: collections.Counter = collections.Counter()
   records, convs = 0, []
-  for line in _lines(path):
+  for line in read_lines(path):
     if not line.strip():
       continue
     records += 1
@@ -181,7 +182,7 @@ def load_examples(path: str, tokenizer: str, template: ChatTemplate, seq_len: in
     else:
       convs.append(template.runs(msgs))
   tokens, trained, lengths, truncated = [], [], [], 0
-  for runs, piece_ids in _encoded(tok, convs):
+  for runs, piece_ids in encode_runs(tok, convs):
     ids, marks = [bos], [False]
     for (_, is_trained), piece in zip(runs, piece_ids):
       ids += piece + ([eos] if is_trained else [])

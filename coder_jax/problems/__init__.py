@@ -12,7 +12,8 @@ evaluation. Whole families form the "heldout" split. Nothing here imports jax;
 
 from coder_jax.problems.problem import (SKIP_REASONS, SPLITS, Problem, default_path, load,
                                         parse_record)
-from coder_jax.problems.rewards import REWARD_REASONS, execution_rewards, reason_of
+from coder_jax.problems.rewards import (REWARD_REASONS, execution_rewards, reason_of,
+                                        format_rewards)
 
 __all__ = ["SKIP_REASONS", "SPLITS", "Problem", "default_path", "load", "parse_record",
-           "REWARD_REASONS", "execution_rewards", "reason_of"]
+           "REWARD_REASONS", "execution_rewards", "reason_of", "format_rewards"]

@@ -10,6 +10,7 @@ look like a run that simply learns nothing.
 
 from __future__ import annotations
 
+import ast
 import collections
 from typing import Sequence
 
@@ -87,3 +88,38 @@ def execution_rewards(problems: Sequence[Problem], completions: Sequence, *,
       reasons[reason_of(r)] += 1
       rewards[i] = 1.0 if r.passed else 0.0
   return rewards, reasons
+
+
+
+def format_rewards(problems: Sequence[Problem], completions: Sequence) -> np.ndarray:
+  """1.0 where the problem's prompt + completion compiles and its entry point returns a value
+  (a `return <expression>` in the function's own body), else 0.0: a format reward (as
+  DeepSeek-R1's) that a policy passing no test yet can still climb, and that an empty or `pass`
+  body does not earn. Only parsed, never run; a completion the parser refuses in any way (a NUL
+  byte, nesting too deep, not a str) is 0."""
+  if len(problems) != len(completions):
+    raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+  out = np.zeros(len(completions), np.float32)
+  for i, (p, c) in enumerate(zip(problems, completions)):
+    if not isinstance(c, str) or _unrunnable(c):
+      continue
+    try:
+      tree = ast.parse(p.prompt + c)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+      continue
+    out[i] = float(any(_returns_value(node) for node in tree.body
+                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       and node.name == p.entry_point))
+  return out
+
+
+def _returns_value(fn) -> bool:
+  """A `return <expr>` in fn's body, not counting nested functions' or classes'."""
+  todo = list(fn.body)
+  while todo:
+    node = todo.pop()
+    if isinstance(node, ast.Return) and node.value is not None:
+      return True
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+      todo.extend(ast.iter_child_nodes(node))
+  return False

@@ -34,7 +34,7 @@ from typing import Sequence
 import gin
 import numpy as np
 
-from coder_jax.data.chat import ChatTemplate, _encoded, _lines
+from coder_jax.data.chat import ChatTemplate, encode_runs, read_lines
 from coder_jax.data.tokenizer import BOS, EOS, load_tokenizer, resolve_path
 
 OBJECTIVES = ("pointwise", "pairwise")
@@ -66,7 +66,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str],
   convs = [template.runs([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
            for p, r in zip(prompts, responses)]
   out = []
-  for runs, pieces in _encoded(tokenizer, convs):
+  for runs, pieces in encode_runs(tokenizer, convs):
     ids = [bos]
     for (_, trained), piece in zip(runs, pieces):
       ids += piece + ([eos] if trained else [])
@@ -268,7 +268,7 @@ def load_examples(path: str, tokenizer: str, objective: str, seq_len: int, *,
   tok = load_tokenizer(tok_path)
   skipped: collections.Counter = collections.Counter()
   records, kept = 0, []
-  for line in _lines(path):
+  for line in read_lines(path):
     if not line.strip():
       continue
     records += 1

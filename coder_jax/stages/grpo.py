@@ -103,6 +103,14 @@ def grpo_objective(cfg, *, temperature, eps_low, eps_high, beta, aggregation, al
   return Objective(loss_fn, axes, norms, expert_load)
 
 
+@gin.configurable
+def format_reward(problems, replies):
+  """A reward function (RewardConfig.functions = (@format_reward,)): 1 when the problem's prompt
+  + the reply's function body compiles and returns a value (problems.format_rewards), else 0."""
+  from coder_jax.problems import format_rewards
+  return format_rewards(problems, [body_of(r) for r in replies])
+
+
 def prompt_text(problem) -> str:
   """The SFT chat format up to the assistant's reply (coder_jax/data/chat.py's template)."""
   return f"User: {problem.prompt}\n\nAssistant:"
