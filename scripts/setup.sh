@@ -26,3 +26,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+if [ "$req" = "requirements-test.txt" ]; then
+  # libtpu, the TPU compiler that the tests (and --compile_topology) compile Mosaic kernels and
+  # train steps with: the version the installed jax's `tpu` extra pins, kept off the import path
+  # in .venv/libtpu (on it, every CPU jax process tries to start a TPU and prints warnings);
+  # coder_jax/train/aot.py points TPU_LIBRARY_PATH at it when it compiles.
+  spec="$("$venv/bin/python" -c 'from importlib.metadata import requires as r
+print(next((q.split(";")[0].replace(" ", "") for q in r("jax") or ()
+            if q.startswith("libtpu") and "tpu" in q.partition(";")[2]), "libtpu"))')"
+  if [ ! -f "$venv/libtpu/libtpu/libtpu.so" ] || [ "$(cat "$venv/libtpu/.spec" 2>/dev/null)" != "$spec" ]; then
+    rm -rf "$venv/libtpu"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+      --target "$venv/libtpu" "$spec"
+    echo "$spec" > "$venv/libtpu/.spec"
+  fi
+fi

@@ -139,6 +139,22 @@ def test_seeded_sampling_is_reproducible():
   assert a.tokens != generate_ids(model, PROMPTS, seed=6, **kw).tokens
 
 
+def test_shared_prefill_groups_sample_what_separate_prefills_do():
+  model = _model()
+  prompts = [p for p in PROMPTS for _ in range(3)]
+  kw = dict(max_new_tokens=8, temperature=1.0, seed=11)
+  want = generate_ids(model, prompts, **kw)
+  got = generate_ids(model, prompts, group_size=3, **kw)
+  assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
+  np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(want.logprobs),
+                             rtol=1e-5, atol=1e-6)
+  assert len(set(map(tuple, got.tokens[:3]))) > 1        # a group's samples differ
+  with pytest.raises(ValueError, match="must come in runs of group_size identical prompts"):
+    generate_ids(model, prompts, group_size=2, **kw)
+  with pytest.raises(ValueError, match="must come in runs of group_size identical prompts"):
+    generate_ids(model, PROMPTS, group_size=3, **kw)
+
+
 def test_eos_and_stop_sequences_end_rows():
   model = _model()
   base = generate_ids(model, PROMPTS, max_new_tokens=10).tokens
@@ -166,6 +182,10 @@ def test_sharded_generation_matches_one_device(impl):
   sharded = nnx.merge(graphdef, params)
   got = generate_ids(sharded, PROMPTS, max_new_tokens=6, mesh=mesh, attention_impl=impl)
   assert got.tokens == want
+  if impl == "auto":   # runs of 3 prompts padded to whole runs and whole shards (12 rows)
+    grouped = [p for p in PROMPTS for _ in range(3)]
+    got = generate_ids(sharded, grouped, max_new_tokens=6, mesh=mesh, group_size=3)
+    assert got.tokens == [t for t in want for _ in range(3)]
 
 
 @pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])

@@ -104,6 +104,7 @@ def test_a_failing_reward_function_is_zero_with_its_reason(policy, tmp_path):
         reward=RewardConfig(rm_weight=0.0, functions=(broken, reply_length)))
   m = read_metrics(tmp_path / "run")[1]
   assert m["reward_reason_broken_error"] == 1.0 and m["reward_mean"] > 0
+  assert m["reward_broken"] == 0.0 and m["reward_reply_length"] == m["reward_mean"]
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -120,10 +120,10 @@ def test_xla_backend_matches_float64_numpy():
 
 @pytest.mark.parametrize("bad, msg", [
     (dict(q=(2, 8, 4)), "must be \\[B, T, H, D\\]"),
-    (dict(k=(2, 9, 2, 16)), "k must have q's shape"),
-    (dict(v=(2, 8, 3, 8)), "v must be \\[B, T, H, Dv\\]"),
+    (dict(k=(2, 7, 2, 16)), "k must be \\[B, S, H, D\\] with q's B, H, D and S >= T"),
+    (dict(v=(2, 8, 3, 8)), "v must be \\[B, S, H, Dv\\]"),
     (dict(dtype_v=jnp.bfloat16), "share one floating dtype"),
-    (dict(seg=(2, 9)), "segment_ids must be integer \\[B, T\\]"),
+    (dict(seg=(2, 9)), "segment_ids must be integer \\[B, S\\]"),
     (dict(seg_dtype=jnp.float32), "segment_ids must be integer"),
     (dict(backend="cuda"), "unknown backend 'cuda'"),
     (dict(backend="xla", interpret=True),
@@ -210,3 +210,36 @@ def test_backend_rule(monkeypatch):
     resolve_backend("op", None, True)
   with pytest.raises(ValueError, match="op: unknown backend 'mosaic'"):
     resolve_backend("op", "mosaic", False)
+
+
+# (seed, B, S keys, T queries, causal, segments): the queries are the last T of the S positions
+# (a context-parallel chunk); offset and lengths are not block multiples. With segments, row 0
+# starts with keys of an id no query has, as model/context.py hides wrapped-around keys.
+SHORT_Q_CASES = [(30, 1, 45, 13, True, True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SHORT_Q_CASES, ids=lambda c: f"seed{c[0]}")
+def test_queries_shorter_than_keys(backend, case):
+  """q [B, T] against k, v [B, S > T]: equal to the full-length reference with random queries
+  in the first S - T rows and a zero cotangent there, its last T rows (out, dq) and dk, dv."""
+  seed, b, s, t, causal, segments = case
+  q_all, k, v, do_all, seg = inputs(seed, b, s, 2, 24, 16, jnp.float32, segments)
+  q, do = q_all[:, s - t:], do_all[:, s - t:]
+  if segments:
+    seg = seg.at[0, :s - t - 5].set(-1)
+  kern = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, causal=causal, backend=backend,
+                                       interpret=INTERPRET[backend],
+                                       block_sizes=BlockSizes(16, 16, 16, 16))
+  got = fwd_and_grads(kern, q, k, v, do)
+  with jax.default_matmul_precision("highest"):
+    full = fwd_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg,
+                                                              causal=causal),
+                         q_all, k, v, do_all.at[:, :s - t].set(0))
+    short = fwd_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg,
+                                                               causal=causal), q, k, v, do)
+  want = (full[0][:, s - t:], full[1][:, s - t:], full[2], full[3])
+  for name, g, w, r in zip(("out", "dq", "dk", "dv"), got, want, short):
+    assert g.shape == w.shape, name
+    assert rel_err(g, w) <= 1e-5, (name, rel_err(g, w))
+    assert rel_err(r, w) <= 1e-5, ("reference", name, rel_err(r, w))

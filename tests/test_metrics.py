@@ -1,4 +1,4 @@
-"""Metrics: CRC-32C vectors, TensorBoard event files read back by TensorFlow, metrics.jsonl,
+"""Metrics: TensorBoard event files (tensorboardX) read back by TensorFlow, metrics.jsonl,
 progress line. TensorFlow (the independent reader) is imported inside the tests only."""
 
 import glob
@@ -13,38 +13,11 @@ import numpy as np
 import pytest
 
 from coder_jax.train import metrics
-from coder_jax.train.metrics import EventWriter, MetricsLog, Progress, crc32c, masked_crc32c
+from coder_jax.train.metrics import EventWriter, MetricsLog, Progress
 
 
 # ----------------------------------------------------------------------------------------------
 # CRC-32C and framing.
-
-def test_crc32c_known_vectors():
-  assert crc32c(b"") == 0
-  assert crc32c(b"123456789") == 0xE3069283
-  assert crc32c(bytes(32)) == 0x8A9136AA
-  assert crc32c(b"\xff" * 32) == 0x62A8AB43                # RFC 3720 B.4
-  assert crc32c(bytes(range(32))) == 0x46DD794E            # RFC 3720 B.4
-
-
-def test_masked_crc_and_record_framing():
-  crc = crc32c(b"abc")
-  rotated = ((crc >> 15) | (crc << 17)) & 0xFFFFFFFF
-  assert masked_crc32c(b"abc") == (rotated + 0xA282EAD8) % 2**32
-  rec = metrics.tfrecord(b"hello")
-  assert len(rec) == 8 + 4 + 5 + 4
-  assert int.from_bytes(rec[:8], "little") == 5
-  assert int.from_bytes(rec[8:12], "little") == masked_crc32c(rec[:8])
-  assert rec[12:17] == b"hello"
-  assert int.from_bytes(rec[17:], "little") == masked_crc32c(b"hello")
-
-
-def test_varint_encoding():
-  assert metrics._varint(0) == b"\x00"
-  assert metrics._varint(1) == b"\x01"
-  assert metrics._varint(300) == b"\xac\x02"
-  assert metrics._varint(-1) == b"\xff" * 9 + b"\x01"
-
 
 def test_imports_without_tensorflow_or_protobuf():
   code = ("import sys; import coder_jax.train.metrics; "

@@ -10,7 +10,7 @@ from flax import nnx
 
 from coder_jax.model import (ConfigError, get_config, init_model, register_attention_impl,
                              route, segment_positions, xla_attention)
-from coder_jax.model.moe import dense_experts, ragged_experts, tiled_experts
+from coder_jax.model.moe import dense_experts, gathered_experts, ragged_experts, tiled_experts
 
 TINY = get_config("tiny")
 
@@ -80,6 +80,12 @@ def test_ragged_experts_match_dense_and_numpy():
       ref[t] += weights[t, j] * ((g / (1 + np.exp(-g)) * u) @ wd[i])
   np.testing.assert_allclose(ragged, ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dense, ref, rtol=1e-4, atol=1e-5)
+  gathered = np.asarray(gathered_experts(*args, dtype=jnp.float32))
+  np.testing.assert_allclose(gathered, ref, rtol=1e-4, atol=1e-5)
+  # One token (2 copies of 6 experts) takes the gathered path inside the tiled impl.
+  one = [args[0][:1], args[1][:1], args[2][:1]] + args[3:]
+  np.testing.assert_allclose(np.asarray(tiled_experts(*one, dtype=jnp.float32)), ref[:1],
+                             rtol=1e-4, atol=1e-5)
   for tile in (1, 4, 128):  # tiles smaller than, near and larger than the groups
     tiled = np.asarray(tiled_experts(*args, dtype=jnp.float32, tile=tile))
     np.testing.assert_allclose(tiled, ref, rtol=1e-4, atol=1e-5)

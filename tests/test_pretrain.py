@@ -78,7 +78,7 @@ def test_dry_run_236b_on_256_devices(capsys):
   report, out = _dry_run(capsys, "--gin_file=gin_configs/experiments/coder_v2_pretrain.gin",
                          "--gin.pretrain.dry_run_devices=256")
   assert report["num_devices"] == 256 and report["mesh"] == {
-      "data": 1, "fsdp": 32, "expert": 8, "tensor": 1}
+      "data": 1, "fsdp": 32, "context": 1, "expert": 8, "tensor": 1}
   assert abs(report["total_params"] / 1e9 - 235.74) < 0.01
   ideal = report["total_params"] * 4 / 256    # float32 master weights spread evenly
   assert ideal <= report["params_bytes_per_device"] < 1.02 * ideal

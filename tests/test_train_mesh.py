@@ -75,7 +75,8 @@ def test_moe_runs_on_local_tokens_without_expert_parallelism(impl):
   from coder_jax.parallel.expert import experts_forward
   cfg = get_config("tiny", moe_impl=impl)
   rng = np.random.default_rng(0)
-  n, e, d, f = 512, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+  # 512 tokens a device: enough that `tiled` sorts and scans (a few take its dense path).
+  n, e, d, f = 4096, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
   x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
   r = route(jnp.asarray(rng.normal(size=(n, e)), jnp.float32), cfg)
   w = [jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]

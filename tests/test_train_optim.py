@@ -211,7 +211,7 @@ def step_env():
   Every batch carries `nan_poison` (0.0 unless testing the guard) so one compiled step serves
   both the accumulation and the guard tests."""
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=1, tensor=1), devices=jax.devices()[:2])
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 1, "expert": 1, "tensor": 1}
   check_fit(mesh, TINY, batch_size=BATCH, grad_accum_steps=4)
   opt_cfg = OptimizerConfig(learning_rate=1e-3, warmup_steps=2, eps=1e-6)
   optimizer, schedule = make_optimizer(opt_cfg, 10)
@@ -387,7 +387,8 @@ def test_opt_state_specs_mirror_params(ep_specs):
 
 
 def test_opt_state_specs_small_tree():
-  """Parameters sharing a trailing key, with distinct shapes or specs, each get their own spec."""
+  """Parameters sharing a trailing key and a shape but not a spec (which matching by path
+  suffix and shape could mix up) each get their own spec."""
   params = {"a": {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)},
             "b": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)},
             "c": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)},
@@ -397,7 +398,7 @@ def test_opt_state_specs_small_tree():
            "c": {"w": P("fsdp", "tensor")}, "w": P(None, "fsdp"), "norm": {"weight": P()}}
   optimizer, _ = make_optimizer(OptimizerConfig(), 10)
   opt_abstract = jax.eval_shape(optimizer.init, params)
-  got = train_state.opt_state_specs(opt_abstract, params, specs)
+  got = train_state.opt_state_specs(optimizer, opt_abstract, specs)
   entries = _moment_and_count_paths(got)
   assert len(entries) == 2 * 5 + 2
   for kind, keys, spec in entries:
@@ -407,7 +408,7 @@ def test_opt_state_specs_small_tree():
 def test_bytes_per_device(ep_specs):
   mesh, abstract, specs = ep_specs
   shape = dict(mesh.shape)
-  assert shape == {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1}
+  assert shape == {"data": 1, "fsdp": 4, "context": 1, "expert": 2, "tensor": 1}
   bpd = train_state.bytes_per_device
   up = abstract["params"]["stacks"][1]["layers"]["mlp"]["experts_up_proj"]   # (2, 8, 64, 32)
   up_spec = specs["params"]["stacks"][1]["layers"]["mlp"]["experts_up_proj"]
@@ -513,9 +514,11 @@ def test_mesh_config_sizes_errors(cfg, needles):
 
 
 def test_mesh_config_sizes_ok():
-  assert MeshConfig().sizes(8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
-  assert MeshConfig(data=2, expert=2).sizes(8) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+  assert MeshConfig().sizes(8) == {"data": 1, "fsdp": 8, "context": 1, "expert": 1, "tensor": 1}
+  assert MeshConfig(data=2, expert=2).sizes(8) == {"data": 2, "fsdp": 2, "context": 1,
+                                                   "expert": 2, "tensor": 1}
+  assert MeshConfig(context=4).sizes(8)["fsdp"] == 2
   assert MeshConfig(data=-1, fsdp=2, tensor=2).sizes(8)["data"] == 2
   assert MeshConfig(data=2, fsdp=1, expert=2, tensor=2).sizes(8)["fsdp"] == 1
   assert dict(abstract_mesh(MeshConfig(expert=16), 64).shape) == {
-      "data": 1, "fsdp": 4, "expert": 16, "tensor": 1}
+      "data": 1, "fsdp": 4, "context": 1, "expert": 16, "tensor": 1}

@@ -96,7 +96,7 @@ def register_code_tasks(data_dir: str, tokenizer_path: str, *, fim: FimConfig = 
     raise ValueError(f"split: this corpus has no {rate_split!r} data (it has: "
                      f"{', '.join(have) or 'none'})")
   if rates is None:
-    rates = token_rates(data_dir, stats, vocab, langs, split=rate_split)
+    rates = cached_token_rates(data_dir, stats, vocab, langs, tokenizer_path, split=rate_split)
   else:
     unknown = sorted(set(rates) - set(langs))
     if unknown:
@@ -142,6 +142,40 @@ def load_build_stats(data_dir: str) -> dict:
                             "build --source PATH --out DATA_DIR` first")
   with open(path) as fh:
     return json.load(fh)
+
+
+def cached_token_rates(data_dir, stats, vocab, langs, tokenizer_path: str,
+                       split: str = "train") -> dict[str, float]:
+  """`token_rates`, kept per (corpus, tokenizer, split) in the user's cache directory
+  ($XDG_CACHE_HOME or ~/.cache, then coder_jax/token_rates/; reading a DATA_DIR never writes
+  into it): estimating them tokenizes 64 documents per language, the largest part of a start or
+  resume. JSON keeps floats exactly, so a cached value equals a fresh one."""
+  import hashlib
+  tok = os.path.abspath(tokenizer_path)
+  tok = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
+  key = hashlib.sha256()
+  for part in (os.path.abspath(data_dir), split, ",".join(langs)):
+    key.update(part.encode() + b"\0")
+  for path in (tok, os.path.join(data_dir, STATS_NAME)):
+    with open(path, "rb") as fh:
+      key.update(hashlib.sha256(fh.read()).digest())
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.path.join(root, "coder_jax", "token_rates", key.hexdigest()[:32] + ".json")
+  try:
+    with open(path) as fh:
+      return json.load(fh)
+  except (OSError, ValueError):
+    pass
+  rates = token_rates(data_dir, stats, vocab, langs, split=split)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+      json.dump(rates, fh)
+    os.replace(tmp, path)
+  except OSError:
+    pass   # nowhere to keep it: estimate again next time
+  return rates
 
 
 def token_rates(data_dir, stats, vocab, langs, sample_docs: int = 64,

@@ -4,7 +4,8 @@
   pallas          this platform's kernel (Triton on GPU, Mosaic on TPU; on CPU the Triton
                   kernel in Pallas' interpreter)
   pallas_triton / pallas_tpu   one backend, interpreted off its platform
-  auto            pallas on GPU and TPU, reference on CPU
+  auto            pallas on GPU and TPU, reference on CPU (the platform compiled for: see
+                  pallas_kernels.backends.target_platform)
 Each is `fn(q_latent [B, H, R], q_rope [B, H, K], latent [B, S, R], rope [B, S, K],
 lengths [B], sm_scale) -> [B, H, R]`.
 """
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import functools
 
-import jax
-
-from coder_jax.model.kernels import kernel_backend
+from coder_jax.model.kernels import kernel_backend, target_platform
 from coder_jax.parallel.rules import per_shard
 
 def _reference(q_latent, q_rope, latent, rope, lengths, sm_scale):
@@ -49,7 +48,7 @@ IMPLS["xla"] = IMPLS["reference"]
 
 def get_decode_attention(name: str):
   if name == "auto":
-    name = "reference" if jax.default_backend() == "cpu" else "pallas"
+    name = "reference" if target_platform() == "cpu" else "pallas"
   if name not in IMPLS:
     raise ValueError(f"decode attention_impl: unknown implementation {name!r}; registered: "
                      f"auto, {', '.join(sorted(IMPLS))}")

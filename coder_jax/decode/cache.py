@@ -42,6 +42,11 @@ def _pin(a):
   return constrain(a, ("layers", "batch", "activation_length", "norm"))
 
 
+def pin(cache: LatentCache) -> LatentCache:
+  """The cache with its rows on the batch axes of the mesh in context (none: unchanged)."""
+  return LatentCache(tuple(map(_pin, cache.latent)), tuple(map(_pin, cache.rope)))
+
+
 def from_prefill(entries, max_length: int, dtype) -> LatentCache:
   """A cache of `max_length` positions holding the prefill's entries at [0, T)."""
   latent, rope = [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -78,13 +79,19 @@ def prefill(model, prompt_BT, lengths_B, max_length: int):
   return model.logits(last)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "attend"))
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("max_new_tokens", "attend", "group"))
 def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, top_p, eos_id,
-              stop_table, stop_live, *, max_new_tokens: int, attend: str):
+              stop_table, stop_live, *, max_new_tokens: int, attend: str, group: int = 1):
+  """group > 1: rows come in runs of `group` copies of one prompt; each run's prompt is
+  prefilled once and its logits and cache rows are copied to the run's rows."""
   model = nnx.merge(graphdef, state)
   attend_fn = get_decode_attention(attend)
   b, t = prompt_BT.shape
-  logits, cache = prefill(model, prompt_BT, lengths_B, t + max_new_tokens)
+  logits, cache = prefill(model, prompt_BT[::group], lengths_B[::group], t + max_new_tokens)
+  if group > 1:
+    logits = jnp.repeat(logits, group, axis=0)
+    cache = cache_lib.pin(jax.tree.map(lambda a: jnp.repeat(a, group, axis=1), cache))
   window = jnp.full((b, stop_table.shape[1]), -2, jnp.int32)
   carry = dict(i=jnp.int32(0), cache=cache, logits=logits, done=jnp.zeros((b,), bool),
                reason=jnp.zeros((b,), jnp.int32), window=window,
@@ -130,7 +137,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  eos_id: int | None = None, stop_ids: Sequence[Sequence[int]] = (), seed: int = 0,
                  attention_impl: str = "auto", mesh=None,
-                 prompt_slot: int | None = None) -> Generated:
+                 prompt_slot: int | None = None, group_size: int = 1) -> Generated:
   """Token-level generation for a batch of token-id prompts (see `generate` for the settings).
 
   mesh: run sharded like training (parameters as they are placed; rows over the batch axes);
@@ -138,6 +145,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
   prompt_slot: pad every batch's prompts to this many tokens (at least the longest), so that
   batches of other prompt lengths reuse one compiled program; default: the longest prompt
   rounded up to a multiple of 16 (a new multiple compiles again).
+  group_size: the prompts come in consecutive runs of this many identical prompts (GRPO's G
+  samples of a prompt); each run is prefilled once and its cache copied to its rows. The
+  samples are those of prefilling every row (the same rows, keys and settings).
   """
   _check_settings(max_new_tokens, temperature, top_k, top_p)
   prompts = [list(map(int, p)) for p in prompts]
@@ -151,10 +161,15 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     raise ValueError(f"prompt + max_new_tokens exceeds max_position_embeddings "
                      f"{model.cfg.max_position_embeddings}")
   n = len(prompts)
+  if not isinstance(group_size, int) or group_size < 1 or n % group_size or any(
+      prompts[i] != prompts[i - i % group_size] for i in range(n)):
+    raise ValueError(f"group_size {group_size!r}: the {n} prompts must come in runs of "
+                     f"group_size identical prompts")
   rows = n
   if mesh is not None:
     split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape]))
-    rows = -(-n // split) * split
+    step = split * group_size // math.gcd(split, group_size)   # whole runs, whole shards
+    rows = -(-n // step) * step
   longest = max(map(len, prompts))
   if prompt_slot is not None and prompt_slot < longest:
     raise ValueError(f"prompt_slot {prompt_slot} is shorter than the longest prompt ({longest})")
@@ -172,9 +187,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
   if mesh is not None:
     with jax.set_mesh(mesh):
       out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens,
-                                    attend=attention_impl)
+                                    attend=attention_impl, group=group_size)
   else:
-    out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl)
+    out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl,
+                                  group=group_size)
   out, reason, logp = np.asarray(out)[:n], np.asarray(reason)[:n], np.asarray(logp)[:n]
   tokens, logprobs, eos_logprob = [], [], []
   for row, r, lp in zip(out, reason, logp):

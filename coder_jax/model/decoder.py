@@ -17,7 +17,8 @@ from coder_jax.model.config import ModelConfig
 from coder_jax.model.layers import MLP, RMSNorm, dtype_of, normal_param
 from coder_jax.model.moe import MoE
 from coder_jax.model.rope import rope_tables
-from coder_jax.parallel.rules import constrain
+from coder_jax.model import context
+from coder_jax.parallel.rules import constrain, unsplit_context
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -108,13 +109,19 @@ class LayerStack(nnx.Module):
     policy = self.cfg.remat_policy
     if policy != "none":
       body = jax.checkpoint(body, policy=_REMAT[policy], prevent_cse=not self.cfg.scan_layers)
+    return self._layers(body, x, state)
+
+  def _layers(self, body, x, xs):
+    """scan(body, x, xs) over the layers: a `lax.scan` when cfg.scan_layers, else unrolled
+    (each layer reads its weights in place; a scan inside the sampling loop slices every
+    layer's weights out of the stack again for each token)."""
     if self.cfg.scan_layers:
-      return jax.lax.scan(body, x, state)
-    auxes = []
+      return jax.lax.scan(body, x, xs)
+    ys = []
     for i in range(self.n):
-      x, aux = body(x, jax.tree.map(lambda a, i=i: a[i], state))
-      auxes.append(aux)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] is not None else None
+      x, y = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+      ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys[0] is not None else None
 
   def decode(self, x_B1D, cos, sin, cache_latent_LBSR, cache_rope_LBSK, positions_B, attend):
     """One token per row through the run; returns (x, the new entries [L, B, R], [L, B, K])."""
@@ -124,7 +131,7 @@ class LayerStack(nnx.Module):
       layer_state, cl, cr = xs
       return nnx.merge(graphdef, layer_state).decode(h, cos, sin, cl, cr, positions_B, attend)
 
-    return jax.lax.scan(body, x_B1D, (state, cache_latent_LBSR, cache_rope_LBSK))
+    return self._layers(body, x_B1D, (state, cache_latent_LBSR, cache_rope_LBSK))
 
 
 def segment_positions(segment_ids_BT):
@@ -174,11 +181,20 @@ class DeepseekV2(nnx.Module):
       if jnp.shape(a) != input_ids_BT.shape:
         raise ValueError(f"{name} must have the shape of input_ids {input_ids_BT.shape}, "
                          f"got {jnp.shape(a)}")
+    segment_ids_BT, positions_BT = jnp.asarray(segment_ids_BT), jnp.asarray(positions_BT)
+    n = unsplit_context()
+    if n > 1:   # context parallelism: tokens in the load-balanced order (model/context.py)
+      if return_cache:
+        raise ValueError(f"the latent cache (prefill for decoding) needs a mesh whose context "
+                         f"axis is 1; this mesh has context={n}")
+      context.check_length(input_ids_BT.shape[1], n)
+      input_ids_BT, segment_ids_BT, positions_BT = (
+          context.to_balanced(a, n) for a in (input_ids_BT, segment_ids_BT, positions_BT))
     x = constrain(self.embed(input_ids_BT), ("batch", "activation_length", "activation_embed"))
-    cos, sin = rope_tables(cfg, jnp.asarray(positions_BT))
+    cos, sin = rope_tables(cfg, positions_BT)
     router, cache = [], []
     for stack in self.stacks:
-      x, aux = stack(x, cos, sin, jnp.asarray(segment_ids_BT), return_cache)
+      x, aux = stack(x, cos, sin, segment_ids_BT, return_cache)
       if return_cache:
         aux, entries = aux
         cache.append(entries)
@@ -187,6 +203,9 @@ class DeepseekV2(nnx.Module):
     out = {"router": router}
     if return_cache:
       out["cache"] = cache
+    if n > 1:
+      x = constrain(context.from_balanced(x, n),
+                    ("batch", "activation_length", "activation_embed"))
     return self.norm(x), out
 
   def embed(self, input_ids):

@@ -9,18 +9,20 @@
   auto            the fastest correct choice for the platform: pallas on GPU and TPU; on CPU
                   the XLA attention and the tiled expert scan (XLA:CPU lowers ragged_dot densely)
 
-`auto` resolves when the model is traced, so a config saved on one platform runs on another.
+`auto` resolves when the model is traced, for the platform it is compiled for (the devices of
+the mesh in context, e.g. a TPU topology compiled for on a CPU machine), so a config saved on one
+platform runs on another.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
+from pallas_kernels.backends import target_platform
 
 from coder_jax.model.attention import get_attention_impl, register_attention_impl
 from coder_jax.model.moe import get_moe_impl, register_moe_impl, sorted_experts
-from coder_jax.parallel.rules import per_shard
+from coder_jax.parallel.rules import per_shard, unsplit_context
 
 # Attention kernels run per (batch rows, heads) shard under a mesh.
 _QKV = ("batch", "activation_length", "heads", None)
@@ -30,24 +32,35 @@ _NATIVE = {"triton": "gpu", "tpu": "tpu"}
 
 
 def kernel_backend(backend: str | None) -> tuple[str, bool]:
-  """(pallas backend, interpret) for a requested backend (None: this platform's)."""
-  platform = jax.default_backend()
+  """(pallas backend, interpret) for a requested backend (None: the target's), from the platform
+  the program is compiled for (pallas_kernels.backends.target_platform), not the host."""
+  platform = target_platform()
   if backend is None:
     backend = "tpu" if platform == "tpu" else "triton"
   return backend, platform != _NATIVE[backend]
 
 
-def _self_attention(name: str, attend):
+def _self_attention(name: str, attend, short_queries: bool = True):
   """An attention impl running `attend(q, k, v, *, segment_ids, causal, sm_scale)` on each
-  device's rows and heads."""
+  device's rows and heads. short_queries: `attend` takes k, v longer than q (the queries are
+  the keys' last T positions; segment_ids are the keys'), as model/context.py calls it."""
   def impl(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale, causal=True):
-    if kv_segment_ids_BS is not q_segment_ids_BT:
+    t, s = q_BTHK.shape[1], k_BSHK.shape[1]
+    if t == s and kv_segment_ids_BS is not q_segment_ids_BT:
       raise NotImplementedError(f"attention_impl {name}: self-attention only (one segment_ids "
                                 "for queries and keys); decoding has its own kernel")
+    if t != s and not short_queries:
+      raise NotImplementedError(f"attention_impl {name}: queries shorter than keys (context "
+                                "parallelism) are not supported; use pallas or reference")
+    if unsplit_context() > 1:
+      # Run per shard over a split length, a kernel would attend only within its own chunk.
+      raise ValueError(f"attention_impl {name}: the sequence is split over the context axis "
+                       f"({unsplit_context()}); attention must go through "
+                       "model/context.py's context_attention (MLAttention does)")
 
     def run(q, k, v, seg):
       return attend(q, k, v, segment_ids=seg, causal=causal, sm_scale=scale)
-    return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, q_segment_ids_BT), (_QKV, _QKV, _QKV, _SEG),
+    return per_shard(run, (q_BTHK, k_BSHK, v_BSHV, kv_segment_ids_BS), (_QKV, _QKV, _QKV, _SEG),
                      _QKV, v_BSHV.shape)
   return impl
 
@@ -64,7 +77,7 @@ def _tokamax_attention(q, k, v, **kw):
 
 
 def _auto_attention(*args, **kw):
-  impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+  impl = "reference" if target_platform() == "cpu" else "pallas"
   return get_attention_impl(impl)(*args, **kw)
 
 
@@ -80,7 +93,7 @@ def _tokamax_matmul(lhs, rhs, group_sizes):
 
 
 def _auto_experts(*args, **kw):
-  impl = "tiled" if jax.default_backend() == "cpu" else "pallas"
+  impl = "tiled" if target_platform() == "cpu" else "pallas"
   return get_moe_impl(impl)(*args, **kw)
 
 
@@ -89,7 +102,8 @@ for _name, _backend in (("pallas", None), ("pallas_triton", "triton"), ("pallas_
       _name, functools.partial(_pallas_attention, backend=_backend)))
   register_moe_impl(_name, functools.partial(
       sorted_experts, matmul=functools.partial(_pallas_matmul, backend=_backend)))
-register_attention_impl("tokamax", _self_attention("tokamax", _tokamax_attention))
+register_attention_impl("tokamax", _self_attention("tokamax", _tokamax_attention,
+                                                   short_queries=False))
 register_moe_impl("tokamax", functools.partial(sorted_experts, matmul=_tokamax_matmul))
 register_attention_impl("auto", _auto_attention)
 register_moe_impl("auto", _auto_experts)

@@ -33,7 +33,8 @@ def _keep_best_groups(scores_NE, num_groups: int, keep: int):
   n, e = scores_NE.shape
   group_best = scores_NE.reshape(n, num_groups, e // num_groups).max(axis=-1)
   _, top_groups = jax.lax.top_k(group_best, keep)
-  keep_group = jnp.zeros((n, num_groups), bool).at[jnp.arange(n)[:, None], top_groups].set(True)
+  # A comparison, not a scatter: a scatter along a context-split token axis gathers it.
+  keep_group = (top_groups[..., None] == jnp.arange(num_groups)).any(axis=-2)
   return jnp.where(jnp.repeat(keep_group, e // num_groups, axis=1), scores_NE, 0.0)
 
 
@@ -88,19 +89,35 @@ def dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
   return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(dtype)
 
 
+def gathered_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype):
+  """Each token copy multiplied by its own expert's weights, gathered: reads only the routed
+  experts (N k weight sets), so it pays when copies are fewer than experts (decoding a few rows)."""
+  x = x_ND.astype(dtype)
+  g = jnp.einsum("nd,nkdf->nkf", x, w_gate_EDF[experts_NK].astype(dtype))
+  u = jnp.einsum("nd,nkdf->nkf", x, w_up_EDF[experts_NK].astype(dtype))
+  y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_down_EFD[experts_NK].astype(dtype))
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
+
+
 def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype,
                   tile: int = 128):
   """Exact grouped SwiGLU without a dense lowering: token copies sorted by expert, each group
   padded to whole tiles of `tile` rows, then one `lax.scan` step per tile multiplies the tile by
   its single expert's weights. Work is about N*k + E*tile rows (XLA:CPU lowers ragged_dot to a
-  dense product over all E experts, which this avoids). When every expert on every token is
-  fewer rows than that bound (a decode step's few tokens), the dense product is taken instead."""
+  dense product over all E experts, which this avoids). Few tokens (a decode step) take another
+  path, chosen from the static shapes: fewer copies than experts, the gathered experts (only the
+  routed experts' weights are read); else, when every expert on every token is fewer rows than
+  the tiled bound, the dense product."""
   n, k = experts_NK.shape
   e, d, _ = w_gate_EDF.shape
   m = n * k
-  if n * e <= ((m + tile - 1) // tile + e) * tile:
-    return dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD,
-                         dtype=dtype)
+  few = None
+  if m < e:
+    few = gathered_experts
+  elif n * e <= ((m + tile - 1) // tile + e) * tile:
+    few = dense_experts
+  if few is not None:
+    return few(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, dtype=dtype)
   flat = experts_NK.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   sizes = jnp.bincount(flat, length=e)
@@ -130,6 +147,7 @@ register_moe_impl("ragged", ragged_experts)
 register_moe_impl("reference", ragged_experts)
 register_moe_impl("tiled", tiled_experts)
 register_moe_impl("dense", dense_experts)
+register_moe_impl("gathered", gathered_experts)
 
 
 class MoE(nnx.Module):
@@ -149,17 +167,16 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-    b, t, d = x_BTD.shape
-    x = x_BTD.reshape(b * t, d)
-    from coder_jax.parallel.expert import experts_forward
-    r = route(x.astype(jnp.float32) @ self.gate[...], cfg)
+    from coder_jax.parallel.expert import experts_forward, route_local
+    # Kept [B, T, ...] (router fields too): flattening B x T would gather a context-split T.
+    logits = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.gate[...])
+    r = route_local(jax.vmap(lambda l: route(l, cfg)), logits)
     affinity = jnp.take_along_axis(r.scores_NE, r.experts_NK, axis=-1)
     if segment_ids_BT is not None:  # padding copies are the first to go when over capacity
-      affinity = jnp.where(segment_ids_BT.reshape(-1, 1) > 0, affinity, -jnp.inf)
-    y = experts_forward(cfg, x, r.experts_NK, r.weights_NK, affinity, self.experts_gate_proj[...],
-                        self.experts_up_proj[...], self.experts_down_proj[...],
-                        impl=get_moe_impl(cfg.moe_impl), dtype=dt)
-    y = y.reshape(b, t, d)
+      affinity = jnp.where(segment_ids_BT[..., None] > 0, affinity, -jnp.inf)
+    y = experts_forward(cfg, x_BTD, r.experts_NK, r.weights_NK, affinity,
+                        self.experts_gate_proj[...], self.experts_up_proj[...],
+                        self.experts_down_proj[...], impl=get_moe_impl(cfg.moe_impl), dtype=dt)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x_BTD)
     return y, r

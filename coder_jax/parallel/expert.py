@@ -110,43 +110,70 @@ def _local_moe(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, *, impl, d
   return out.astype(dtype), keep.reshape(n, k)
 
 
+def route_local(fn, logits_BTE):
+  """fn(logits [B, T, E]) -> a pytree of [B, T, ...] arrays (the routing), run on each device's
+  tokens in `shard_map` under a mesh: the partitioner gathers tokens for a top_k whose token
+  axes are split (as a context axis splits T)."""
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1 or mesh.are_all_axes_manual:
+    return fn(logits_BTE)
+  spec = P(*logical_to_spec(("batch", "activation_length"), logits_BTE.shape[:2], mesh), None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(logits_BTE)
+
+
 def experts_forward(cfg, x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, *, impl, dtype,
                     return_kept: bool = False):
   """Routed-expert output [N, D]. Under a mesh that splits the batch, each device computes its own
   tokens inside `shard_map` (automatic partitioning would gather the routing sort and run every
   expert on the global batch); with expert > 1 or dropping, through the dispatch above.
-  return_kept: also the [N, k] mask of copies that were computed."""
+  return_kept: also the [N, k] mask of copies that were computed.
+
+  Tokens may also come as [B, T, ...] (x [B, T, D], the others [B, T, k]; outputs keep that
+  layout): the layout MoE layers use, in which a context axis splitting T leaves each device
+  its own tokens (flattening [B, T] with T split is not a contiguous split of B*T)."""
   mesh = current_mesh()
   ep = mesh.shape.get("expert", 1) if mesh is not None else 1
   drop = dropping_enabled() and cfg.capacity_factor is not None
   e = wg.shape[0]
-  n, k = experts_NK.shape
+  lead, k = experts_NK.shape[:-1], experts_NK.shape[-1]
+  n = math.prod(lead)
   if e % ep:
     raise ValueError(f"expert parallelism: {e} routed experts cannot be split over the mesh's "
                      f"expert axis of {ep}")
+
+  def local(x, ex, w, a, g, u, dn, fn):
+    """fn on this device's tokens flattened to [n, ...]; results back in x's layout."""
+    shape = ex.shape[:-1]
+    flat = lambda v: v.reshape((-1,) + v.shape[len(shape):])
+    y, kept = fn(flat(x), flat(ex), flat(w), flat(a), g, u, dn)
+    return y.reshape(shape + y.shape[1:]), kept.reshape(shape + kept.shape[1:])
+
   if mesh is None or mesh.size == 1:
-    if drop:
-      y, kept = _local_moe(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, impl=impl,
-                           dtype=dtype, num_experts=e, axis=None, num_devices=1,
-                           cap=capacity(n * k, 1, cfg.capacity_factor, True), tensor_axis=None)
-    else:
-      y, kept = impl(x_ND, experts_NK, weights_NK, wg, wu, wd, dtype=dtype), jnp.ones((n, k), bool)
+    def single(x, ex, w, a, g, u, dn):
+      if drop:
+        return _local_moe(x, ex, w, a, g, u, dn, impl=impl, dtype=dtype, num_experts=e,
+                          axis=None, num_devices=1,
+                          cap=capacity(n * k, 1, cfg.capacity_factor, True), tensor_axis=None)
+      return impl(x, ex, w, g, u, dn, dtype=dtype), jnp.ones(ex.shape, bool)
+    y, kept = local(x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, single)
     return (y, kept) if return_kept else y
-  tok_spec = logical_to_spec(("batch",), (n,), mesh)[0]
-  tok_axes = (tok_spec,) if isinstance(tok_spec, str) else tuple(tok_spec or ())
-  if ep > 1 and "expert" not in tok_axes:
-    raise ValueError(f"expert parallelism: {n} tokens cannot be split over the mesh's batch axes "
-                     f"{dict(mesh.shape)}; the batch must be divisible by data x fsdp x expert")
-  shards = math.prod(mesh.shape[a] for a in tok_axes)
+  token_axes = ("batch",) if len(lead) == 1 else ("batch", "activation_length")
+  tok_spec = tuple(logical_to_spec(token_axes, lead, mesh))
+  split = [(a,) if isinstance(a, str) else tuple(a or ()) for a in tok_spec]
+  if ep > 1 and "expert" not in split[0]:
+    raise ValueError(f"expert parallelism: {lead[0]} rows cannot be split over the mesh's batch "
+                     f"axes {dict(mesh.shape)}; the batch must be divisible by data x fsdp x "
+                     "expert")
+  shards = math.prod(mesh.shape[a] for axes in split for a in axes)
   n_local = n // shards
   cap = capacity(n_local * k, ep, cfg.capacity_factor, drop)
   w_spec = logical_to_spec(("experts", "embed", "expert_mlp"), wg.shape, mesh)
   tensor_axis = "tensor" if w_spec[2] == "tensor" else None
   w_in = P(w_spec[0], None, w_spec[2])      # gathered over fsdp at the boundary
   wd_in = P(w_spec[0], w_spec[2], None)
-  tok = P(tok_spec, None)
+  tok = P(*tok_spec, None)
 
-  def body(x, ex, w, a, g, u, dn):
+  def moe(x, ex, w, a, g, u, dn):
     if ep == 1 and not drop:  # this device's tokens through its (all) experts
       y = impl(x, ex, w, g, u, dn, dtype=dtype)
       if tensor_axis is not None:
@@ -156,7 +183,8 @@ def experts_forward(cfg, x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd, 
                       axis="expert" if ep > 1 else None, num_devices=ep, cap=cap,
                       tensor_axis=tensor_axis)
 
-  y, kept = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, wd_in),
+  y, kept = jax.shard_map(lambda *a: local(*a, moe), mesh=mesh,
+                          in_specs=(tok, tok, tok, tok, w_in, w_in, wd_in),
                           out_specs=(tok, tok), check_vma=False)(
       x_ND, experts_NK, weights_NK, affinity_NK, wg, wu, wd)
   return (y, kept) if return_kept else y

@@ -1,4 +1,4 @@
-"""The device mesh: axes data, fsdp, expert, tensor (sizes from gin; one may be -1 to fill).
+"""The device mesh: axes data, fsdp, context, expert, tensor (sizes from gin; one may be -1).
 
 Every divisibility a run needs is checked here, before anything is traced or compiled, and
 reported as a `MeshError` that names the numbers to change.
@@ -28,6 +28,7 @@ class MeshConfig:
   fsdp: int = -1
   expert: int = 1
   tensor: int = 1
+  context: int = 1     # splits the sequence (context parallelism, model/context.py)
 
   def sizes(self, num_devices: int) -> dict[str, int]:
     """Axis sizes with the one -1 axis filled so that their product is num_devices."""
@@ -80,10 +81,16 @@ def batch_shards(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
-def check_fit(mesh, model_cfg, *, batch_size: int | None = None, grad_accum_steps: int = 1):
+def check_fit(mesh, model_cfg, *, batch_size: int | None = None, grad_accum_steps: int = 1,
+              seq_len: int | None = None):
   """Raise MeshError when the model or the batch does not divide over the mesh."""
-  s = mesh.shape
+  s = dict(mesh.shape)
+  s.setdefault("context", 1)
   problems = []
+  if seq_len is not None and seq_len % (2 * s["context"]):
+    problems.append(f"seq_len={seq_len} is not divisible by 2 x the context axis "
+                    f"({s['context']}) = {2 * s['context']} (each device holds one early and one "
+                    "late chunk of every sequence)")
   if model_cfg.has_moe and model_cfg.n_routed_experts % s["expert"]:
     problems.append(f"n_routed_experts={model_cfg.n_routed_experts} is not divisible by the "
                     f"expert axis ({s['expert']})")

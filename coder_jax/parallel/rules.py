@@ -13,12 +13,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# context sits inside fsdp and outside expert: its per-layer all-gather of the latent is smaller
+# than the MoE all_to_all, which keeps the nearest neighbours (with tensor).
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated)
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("activation_length", None),
+    # Context parallelism: activations are split along the sequence (attention gathers the
+    # compressed latent over `context`, model/context.py).
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("layers", None),
     ("vocab", "tensor"),
@@ -69,7 +73,24 @@ def named_sharding(mesh: Mesh, axes, shape) -> NamedSharding:
 
 
 def single_device_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), MESH_AXES)
+  return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+
+
+def context_size(mesh=None) -> int:
+  """Devices the sequence is split over under `mesh` (default: the current one); 1 without."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh is None or mesh.empty:
+    return 1
+  return dict(mesh.shape).get("context", 1)
+
+
+def unsplit_context() -> int:
+  """The context axis size while the sequence is still split over it by the partitioner
+  (outside `shard_map`); 1 inside `shard_map`, where arrays are one device's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.are_all_axes_manual:
+    return 1
+  return context_size(mesh)
 
 
 def constrain(x, axes):
@@ -89,8 +110,8 @@ def per_shard(fn, args, in_axes, out_axes, out_shape):
   (and heads). in_axes / out_axes: logical axis names per dimension, as for parameters.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or mesh.size == 1:
-    return fn(*args)
+  if mesh is None or mesh.empty or mesh.size == 1 or mesh.are_all_axes_manual:
+    return fn(*args)  # no mesh, or already inside a shard_map: the arrays are this device's
   in_specs = tuple(logical_to_spec(ax, a.shape, mesh) for ax, a in zip(in_axes, args))
   out_spec = logical_to_spec(out_axes, out_shape, mesh)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,

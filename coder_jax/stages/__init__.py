@@ -6,8 +6,15 @@ import gin
 
 
 @gin.configurable
-def launch(stage=gin.REQUIRED, dry_run: bool = False):
-  """Run the stage a run config names, e.g. `launch.stage = @pretrain`."""
+def launch(stage=gin.REQUIRED, dry_run: bool = False, aot=None):
+  """Run the stage a run config names, e.g. `launch.stage = @pretrain`. aot: a
+  coder_jax.train.aot.CompileRequest (--compile_topology): compile the stage's train step for a
+  TPU topology instead of training."""
+  name = getattr(stage, "__name__", stage)
+  if aot is not None:
+    if "aot" not in inspect.signature(stage).parameters:
+      raise ValueError(f"--compile_topology: stage {name!r} has no train step to compile")
+    return stage(dry_run=True, aot=aot)
   if dry_run:
     if "dry_run" not in inspect.signature(stage).parameters:
       raise ValueError(f"--dry_run: stage {getattr(stage, '__name__', stage)!r} has no dry run")

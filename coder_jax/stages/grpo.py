@@ -181,7 +181,7 @@ class Rollouts:
     out = generate_ids(policy, prompts, max_new_tokens=self.max_new,
                        temperature=self.temperature, top_p=self.top_p, eos_id=self.eos,
                        seed=self.seed * 1_000_003 + rollout * 64 + self.shard, mesh=self.mesh,
-                       prompt_slot=self.prompt_slot)
+                       prompt_slot=self.prompt_slot, group_size=self.g)
     t1 = time.perf_counter()
     replies = [self.tok.decode(t) for t in out.tokens]
     group_problems = [p for p in probs for _ in range(self.g)]
@@ -203,6 +203,7 @@ class Rollouts:
     for fn, w in zip(self.reward.functions, weights):
       r, failed = function_rewards(fn, group_problems, replies)
       rewards += w * r
+      metrics[f"reward_{getattr(fn, '__name__', type(fn).__name__)}"] = float(r.mean())
       if failed:
         metrics[f"reward_reason_{failed}"] = 1.0
     t2 = time.perf_counter()
@@ -344,7 +345,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   optimizer, schedule = make_optimizer(optimizer_config or OptimizerConfig(), train_steps)
   mesh = make_mesh(mesh_config or MeshConfig())
   batch_size = prompts_per_step * group_size
-  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=1)
+  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=1, seq_len=seq_len)
   init = lambda: loop.initial_params(cfg, mesh, init_from_hf=init_from_hf,
                                      init_from_checkpoint=init_from_checkpoint,
                                      init_step=init_step)

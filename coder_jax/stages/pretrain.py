@@ -56,7 +56,8 @@ def _positions_line(cfg) -> str:
 def dry_run_report(cfg, mesh_cfg: MeshConfig, optimizer, *, num_devices: int, batch_size: int,
                    seq_len: int, grad_accum_steps: int, loss_chunk_size: int | None = None) -> dict:
   mesh = abstract_mesh(mesh_cfg, num_devices)
-  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+            seq_len=seq_len)
   _, abstract, specs = train_state.state_specs(cfg, optimizer, mesh)
   shape = dict(mesh.shape)
   p_bytes = train_state.bytes_per_device(abstract["params"], specs["params"], shape)
@@ -108,7 +109,8 @@ def train_lm(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
              max_consecutive_nonfinite: int = 5, nan_injection_steps: tuple = (),
              peak_tflops_per_device: float | None = None, dry_run: bool = False,
              dry_run_devices: int | None = None, stop_after: int | None = None,
-             model_overrides: dict | None = None, loss_chunk_size: int | None = None):
+             model_overrides: dict | None = None, loss_chunk_size: int | None = None,
+             aot=None):
   """Train a causal LM until `train_steps` (resuming from the latest checkpoint in MODEL_DIR).
 
   A fresh run starts from `seed`, from a Hugging Face checkpoint (init_from_hf), or from the
@@ -120,7 +122,8 @@ def train_lm(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   model_overrides: {'rope_scaling': {YaRN fields} or None, 'max_position_embeddings': n} laid
   over the architecture the run starts from (a long-context stage; both or neither). A
   seq_len beyond max_position_embeddings is an error. loss_chunk_size: compute the loss's
-  logits this many positions at a time (train/step.py lm_objective)."""
+  logits this many positions at a time (train/step.py lm_objective). aot: compile the train
+  step for a TPU topology instead (--compile_topology, train/aot.py)."""
   mesh_cfg = mesh_config or MeshConfig()
   opt_cfg = optimizer_config or OptimizerConfig()
   alphas = balance_loss or BalanceLossConfig()
@@ -131,13 +134,24 @@ def train_lm(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   optimizer, schedule = make_optimizer(opt_cfg, train_steps)
   if dry_run:
     check_balance(cfg, alphas)
+    if aot is not None:
+      from coder_jax.train.aot import compile_train_step
+      return compile_train_step(
+          aot, cfg=cfg, mesh_cfg=mesh_cfg, optimizer=optimizer, schedule=schedule,
+          objective=lm_objective(cfg, alphas, loss_chunk_size=loss_chunk_size),
+          make_step=lambda graphdef: make_train_step(
+              graphdef, cfg, optimizer, schedule, alphas=alphas,
+              grad_accum_steps=grad_accum_steps, loss_chunk_size=loss_chunk_size),
+          batch_size=batch_size, seq_len=seq_len, grad_accum_steps=grad_accum_steps,
+          flops_per_token=train_flops_per_token(cfg, seq_len), stage="pretrain")
     return dry_run_report(cfg, mesh_cfg, optimizer, num_devices=dry_run_devices or jax.device_count(),
                           batch_size=batch_size, seq_len=seq_len, grad_accum_steps=grad_accum_steps,
                           loss_chunk_size=loss_chunk_size)
   if train_steps < 1 or checkpoint_every < 1:
     raise ValueError("pretrain: train_steps and checkpoint_every must be >= 1")
   mesh = make_mesh(mesh_cfg)
-  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+            seq_len=seq_len)
   check_balance(cfg, alphas)
   return loop.run(
       model_dir=model_dir, cfg=cfg, optimizer=optimizer, schedule=schedule, mesh=mesh,

@@ -117,14 +117,15 @@ def reward_model(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                  async_checkpoints: bool = True, log_every: int = 1,
                  max_consecutive_nonfinite: int = 5, peak_tflops_per_device: float | None = None,
                  dry_run: bool = False, dry_run_devices: int | None = None,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, aot=None):
   """Train a reward model until `train_steps` (resuming from MODEL_DIR's latest checkpoint).
 
   A fresh run starts from a policy (init_from_checkpoint: an SFT run's MODEL_DIR, latest step
   unless init_step; or init_from_hf): its backbone, a head of std head_std (0: every score
   starts at 0); or from an earlier reward model's directory or export, head included.
   batch_size counts rows: examples (pointwise) or pairs (pairwise, two sequences each).
-  evaluate: held-out metrics at every checkpoint (needs a non-empty held-out split)."""
+  evaluate: held-out metrics at every checkpoint (needs a non-empty held-out split). aot: compile
+  the train step for a TPU topology instead (--compile_topology, train/aot.py)."""
   mesh_cfg = mesh_config or MeshConfig()
   alphas = balance_loss or BalanceLossConfig()
   cfg = loop.resolve_model_config(init_from_hf, compute_dtype, init_from_checkpoint, init_step,
@@ -134,6 +135,17 @@ def reward_model(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   sides = 2 if data.objective == "pairwise" else 1
   if dry_run:
     check_balance(cfg, alphas)
+    if aot is not None:
+      from coder_jax.train.aot import compile_train_step
+      objective = OBJECTIVES[data.objective](cfg, alphas)
+      return compile_train_step(
+          aot, cfg=cfg, mesh_cfg=mesh_cfg, optimizer=optimizer, schedule=schedule,
+          objective=objective, model_cls=RewardModel,
+          make_step=lambda graphdef: make_step(graphdef, optimizer, schedule, objective,
+                                               grad_accum_steps=grad_accum_steps),
+          batch_size=batch_size, seq_len=seq_len, grad_accum_steps=grad_accum_steps,
+          flops_per_token=sides * train_flops_per_token(backbone_config(cfg), seq_len),
+          stage="reward_model")
     report = dry_run_report(backbone_config(cfg), mesh_cfg, optimizer,
                             num_devices=dry_run_devices or jax.device_count(),
                             batch_size=batch_size, seq_len=seq_len,
@@ -157,7 +169,8 @@ def reward_model(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                        f"hashed below RewardData.heldout_fraction = {data.heldout_fraction}); "
                        "raise it, add prompts, or set reward_model.evaluate = False")
   mesh = make_mesh(mesh_cfg)
-  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+  check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+            seq_len=seq_len)
   check_balance(cfg, alphas)
   objective = OBJECTIVES[data.objective](cfg, alphas)
   return loop.run(

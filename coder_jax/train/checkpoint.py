@@ -80,6 +80,19 @@ def _newest_that_restores(manager, directory: str, step: int | None, restore, lo
   return None, None
 
 
+def gather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order (two small all-gathers)."""
+  import json
+  import numpy as np
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int64)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]
+
+
 def _stderr(msg: str):
   print(msg, file=sys.stderr, flush=True)
 
@@ -97,6 +110,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, model_cfg, *, force: bool = False) -> bool:
+    """Every process calls this at the same steps. With several processes each one's data
+    position is kept (under "hosts", in process order): their streams differ."""
+    if jax.process_count() > 1:
+      data_state = {**data_state, "hosts": gather_json(data_state)}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         model_config=ocp.args.JsonSave(config_to_dict(model_cfg))), force=force)
@@ -237,16 +254,35 @@ def record_tokenizer(model_dir: str, path: str, *, resumed: bool) -> dict:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (preemption notice) and a first Ctrl-C (SIGINT) into a flag the training loop
-  checks after each step, so both save a checkpoint and exit; a second Ctrl-C interrupts at once.
-  Across hosts any host's flag counts."""
+  """Turns a preemption notice (SIGTERM) or a first Ctrl-C (SIGINT) into a stop the training loop
+  checks after each step (`requested(step)`), so the run saves a checkpoint and exits; a second
+  Ctrl-C interrupts at once.
+
+  One process: Python signal handlers set a flag. Several processes: JAX's coordination service
+  carries the notice (as MaxText does): jax.distributed's preemption sync manager catches SIGTERM
+  in C++ (so no Python handler may replace it), tells every process, and
+  `CheckpointManager.reached_preemption(step)` turns true on all of them at the same step; until
+  a notice arrives asking costs nothing, no collective runs per step. Ctrl-C on one process is
+  sent on as SIGTERM to itself, so it reaches the others the same way. Where the preemption
+  service is off (`jax_enable_preemption_service=False`), the flags are all-gathered every
+  `fallback_every` steps instead (a collective then, not every step)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, manager=None, *, fallback_every: int = 10):
     self._flag = threading.Event()
     self.signal_name = None
     self._previous = {}
+    self._manager = manager
+    self.fallback_every = max(int(fallback_every), 1)
+    self.mode = "signal"
+    if jax.process_count() > 1:
+      try:   # jax keeps the sync manager in a private module; without it, gather
+        from jax._src import distributed
+        sync = distributed.global_state.preemption_sync_manager
+      except (ImportError, AttributeError):
+        sync = None
+      self.mode = "coordination" if sync is not None else "gather"
 
   def _handle(self, signum, _frame):
     if signum == signal.SIGINT and self._flag.is_set():
@@ -256,10 +292,14 @@ class PreemptionGuard:
             "without saving)", file=sys.stderr, flush=True)
     self.signal_name = signal.Signals(signum).name
     self._flag.set()
+    if self.mode == "coordination":
+      os.kill(os.getpid(), signal.SIGTERM)   # to the C++ handler: the notice reaches every host
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
+        if sig == signal.SIGTERM and self.mode == "coordination":
+          continue   # jax's preemption notifier holds SIGTERM
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -268,10 +308,27 @@ class PreemptionGuard:
       signal.signal(sig, previous)
     self._previous = {}
 
-  def requested(self) -> bool:
+  def requested(self, step: int | None = None) -> bool:
+    """Whether to save and stop after `step` (the step just run; every process asks at every
+    step with the same numbers)."""
     local = self._flag.is_set()
-    if jax.process_count() == 1:
+    if self.mode == "signal":
       return local
+    if self.mode == "coordination":
+      if step is None:
+        raise ValueError("requested: the step is needed across processes")
+      stop = self._reached(step)
+      if stop and self.signal_name is None:
+        self.signal_name = "SIGTERM"
+      return stop
+    if step is not None and step % self.fallback_every:
+      return False
     import numpy as np
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+
+  def _reached(self, step: int) -> bool:
+    if self._manager is not None:
+      return bool(self._manager.reached_preemption(step))
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.reached_preemption_sync_point(step))

@@ -13,7 +13,8 @@ MODEL_DIR). Every stage then gets the same behaviour:
   the tokenizer its batches were made with.
 
 The stream protocol: `next(stream)` -> dict of numpy arrays [rows, ...] (this host's rows);
-`stream.state()` -> JSON-able position saved with each checkpoint; optional
+`stream.state()` -> JSON-able position saved with each checkpoint (with "batches", the count);
+optional `stream.seek(saved)` to continue from it (else `open(start_batch=...)` alone); optional
 `stream.tokenizer_path`; a stream with `needs_state = True` is asked `stream.next_with(state)`
 instead (on-policy sampling reads the current parameters); optional `stream.host_metrics()`
 -> {name: number} measured on the host for the batch just given (rewards, sampling time), logged
@@ -222,6 +223,13 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
     ckpt.close()   # also on errors: an open async manager buries them in shutdown noise
 
 
+def jit_step(step, shardings, mesh):
+  """The train step jitted as every run (and --compile_topology) runs it: the state in its
+  shardings and donated, the batch as placed, the metrics replicated."""
+  return jax.jit(step, in_shardings=(shardings, None),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
 def _run(ckpt, a: dict) -> dict:
   cfg, mesh, model_dir, train_steps = a["cfg"], a["mesh"], a["model_dir"], a["train_steps"]
   primary = jax.process_index() == 0
@@ -244,6 +252,8 @@ def _run(ckpt, a: dict) -> dict:
   stream = a["data"].open(model_vocab=cfg.vocab_size, batch_rows=a["batch_size"] // nproc,
                           seq_len=a["seq_len"], shard=jax.process_index(), num_shards=nproc,
                           start_batch=start_batch)
+  if restored is not None and hasattr(stream, "seek"):   # constant-time resume (data/stream.py)
+    stream.seek(data_pos)
   tok_path = getattr(stream, "tokenizer_path", None)
   record = {}
   if tok_path:
@@ -259,8 +269,7 @@ def _run(ckpt, a: dict) -> dict:
                                                            mesh))
     return jax.make_array_from_process_local_data(placement[key], local)
 
-  step_fn = jax.jit(a["make_step"](graphdef), in_shardings=(shardings, None),
-                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  step_fn = jit_step(a["make_step"](graphdef), shardings, mesh)
   peak = (a["peak_tflops_per_device"] * 1e12 if a["peak_tflops_per_device"]
           else peak_flops_per_device())
   log = MetricsLog(model_dir, enabled=primary, resume_step=start)
@@ -297,7 +306,7 @@ def _run(ckpt, a: dict) -> dict:
       progress.update(s, v)
 
   # The guard stays installed through the final checkpoint wait: a second SIGTERM cannot cut it.
-  guard = PreemptionGuard().__enter__()
+  guard = PreemptionGuard(ckpt.manager).__enter__()
   try:
     with jax.set_mesh(mesh):
       while step < train_steps:
@@ -315,7 +324,7 @@ def _run(ckpt, a: dict) -> dict:
         if consecutive >= a["max_consecutive_nonfinite"]:
           reason = "nonfinite"
           break
-        stop = guard.requested()
+        stop = guard.requested(step)
         done_here = a["stop_after"] is not None and step - start >= a["stop_after"]
         forced = stop or done_here or step == train_steps
         if forced or step % a["checkpoint_every"] == 0:
@@ -331,7 +340,7 @@ def _run(ckpt, a: dict) -> dict:
           # Periodic saves wait out a non-finite streak so rotation keeps the last good one; a
           # forced save is safe within it (skipped updates left parameters and optimizer alone).
           if forced or consecutive == 0:
-            if ckpt.save(step, state, {"batches": stream.state()["batches"], **record}, cfg,
+            if ckpt.save(step, state, {**stream.state(), **record}, cfg,
                          force=forced):
               last_saved = step
         if stop:

@@ -1,9 +1,8 @@
 """Training metrics: a JSON-lines log, TensorBoard event files and a console progress line.
 
-Only the standard library and numpy are needed: the TensorBoard event files are written here
-directly (TFRecord framing with masked CRC-32C, and a hand-rolled encoding of the three protobuf
-messages a scalar summary needs), so neither TensorFlow nor tensorboardX nor protobuf is
-imported.
+The TensorBoard event files are written by tensorboardX (a maintained writer; it and protobuf
+are imported only when a writer is made, so importing this module needs neither, nor
+TensorFlow).
 
   log = MetricsLog(model_dir, enabled=jax.process_index() == 0)
   progress = Progress(total_steps, start_step=step)
@@ -20,12 +19,12 @@ NaN / Inf as the strings "nan" / "inf" / "-inf" so every line stays valid JSON;
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import math
 import numbers
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -33,128 +32,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------
-# CRC-32C (Castagnoli) and TFRecord framing.
+# TensorBoard event files, through tensorboardX's writer (imported when a writer is made).
 
-_CRC32C_POLY = 0x82F63B78  # 0x1EDC6F41 bit-reversed (the reflected form used with LSB-first).
-
-
-def _make_crc32c_table() -> tuple[int, ...]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ _CRC32C_POLY if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) of `data`, as an unsigned 32-bit int (b"123456789" -> 0xE3069283)."""
-  table = _CRC32C_TABLE
-  crc = 0xFFFFFFFF
-  for byte in bytes(data):
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """The TFRecord checksum: CRC-32C rotated right by 15 bits plus 0xa282ead8 (mod 2^32)."""
-  crc = crc32c(data)
-  return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: uint64 length, masked CRC of the length bytes, data, masked CRC of data."""
-  length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", masked_crc32c(length)) + data
-          + struct.pack("<I", masked_crc32c(data)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Minimal protobuf encoding of tensorflow.Event / Summary / Summary.Value.
-
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-  """Base-128 varint; negative ints as their 64-bit two's complement (10 bytes), as int64 is."""
-  value = int(value)
-  if value < 0:
-    value &= (1 << 64) - 1
-  out = bytearray()
-  while True:
-    bits = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(bits | 0x80)
-    else:
-      out.append(bits)
-      return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-  return _varint((field << 3) | wire_type)
-
-
-def _field_varint(field: int, value: int) -> bytes:
-  return _key(field, _VARINT) + _varint(value)
-
-
-def _field_bytes(field: int, payload: bytes) -> bytes:
-  return _key(field, _LENGTH_DELIMITED) + _varint(len(payload)) + payload
-
-
-def _field_double(field: int, value: float) -> bytes:
-  return _key(field, _FIXED64) + struct.pack("<d", float(value))
-
-
-def _float32_bytes(value: float) -> bytes:
-  # Through numpy so values beyond float32's range become +-inf instead of raising.
-  with np.errstate(over="ignore"):
-    return np.asarray(value, dtype="<f4").tobytes()
-
-
-def _field_float(field: int, value: float) -> bytes:
-  return _key(field, _FIXED32) + _float32_bytes(value)
-
-
-def _summary_value(tag: str, simple_value: float) -> bytes:
-  """Summary.Value {tag = 1 (string), simple_value = 2 (float)}."""
-  return _field_bytes(1, tag.encode("utf-8")) + _field_float(2, simple_value)
-
-
-def _summary(values: Mapping[str, float]) -> bytes:
-  """Summary {value = 1 (repeated Value)}."""
-  return b"".join(_field_bytes(1, _summary_value(tag, v)) for tag, v in values.items())
-
-
-SESSION_START = 1  # SessionLog.SessionStatus.START
-
-
-def encode_event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None,
-                 session_status: int | None = None) -> bytes:
-  """Event {wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5,
-  session_log = 7 (SessionLog {status = 1})}."""
-  out = _field_double(1, wall_time)
-  if step:
-    out += _field_varint(2, step)  # proto3: a zero step is the default and is left out
-  if file_version is not None:
-    out += _field_bytes(3, file_version.encode("utf-8"))
-  if scalars is not None:
-    out += _field_bytes(5, _summary(scalars))
-  if session_status is not None:
-    out += _field_bytes(7, _field_varint(1, session_status))
-  return out
-
-
-# ----------------------------------------------------------------------------------------------
-# TensorBoard event file writer.
-
-FILE_VERSION = "brain.Event:2"
+_WRITERS = itertools.count()
 
 
 class EventWriter:
@@ -165,59 +45,52 @@ class EventWriter:
   """
 
   def __init__(self, logdir: str | os.PathLike):
+    from tensorboardX.writer import FileWriter
     self.logdir = os.fspath(logdir)
     os.makedirs(self.logdir, exist_ok=True)
-    base = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-            ".coder_jax")
-    # Two writers of one process in one second would share a name: number the later ones.
-    suffix = 0
-    while True:
-      name = base if suffix == 0 else f"{base}.{suffix}"
-      path = os.path.join(self.logdir, name)
-      try:
-        self._file = open(path, "xb")
-        break
-      except FileExistsError:
-        suffix += 1
-    self.path = path
-    self._write_event(encode_event(time.time(), file_version=FILE_VERSION))
+    # tensorboardX names files by time and host: the pid and a counter keep two writers apart.
+    suffix = f".{os.getpid()}.{next(_WRITERS)}.coder_jax"
+    self._writer = FileWriter(self.logdir, flush_secs=10, filename_suffix=suffix)
     self.flush()
+    self.path, = glob.glob(os.path.join(glob.escape(self.logdir), f"events.out.tfevents.*{suffix}"))
 
   @property
   def closed(self) -> bool:
-    return self._file is None
+    return self._writer is None
 
-  def _write_event(self, event: bytes) -> None:
-    if self._file is None:
+  def _check_open(self) -> None:
+    if self._writer is None:
       raise ValueError(f"EventWriter for {self.logdir} is closed")
-    self._file.write(tfrecord(event))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """One event at `step` holding every value of `values` as a float32 simple_value.
 
     NaN and +-Inf are written as they are (TensorBoard shows them); an empty dict writes nothing.
     """
+    self._check_open()
     if not values:
-      if self._file is None:
-        raise ValueError(f"EventWriter for {self.logdir} is closed")
       return
-    converted = {str(tag): float(value) for tag, value in values.items()}
-    self._write_event(encode_event(time.time(), int(step), scalars=converted))
+    from tensorboardX.proto.summary_pb2 import Summary
+    summary = Summary(value=[Summary.Value(tag=str(tag), simple_value=float(v))
+                             for tag, v in values.items()])
+    self._writer.add_summary(summary, int(step), walltime=time.time())
 
   def session_start(self, step: int) -> None:
     """A restart at `step`: TensorBoard then drops the events at `step` and later written before
     it (the steps a killed run logged past its last checkpoint)."""
-    self._write_event(encode_event(time.time(), int(step), session_status=SESSION_START))
+    self._check_open()
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    self._writer.add_event(Event(wall_time=time.time(), step=int(step),
+                                 session_log=SessionLog(status=SessionLog.START)))
 
   def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-      self._file.close()
-      self._file = None
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
 
   def __enter__(self) -> "EventWriter":
     return self

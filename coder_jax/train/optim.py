@@ -46,24 +46,24 @@ class OptimizerConfig:
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int):
+  """step -> learning rate, from optax's schedule combinators: a linear ramp to the peak over the
+  warm-up (step 0 already at peak / warmup_steps), then the schedule, counted from the warm-up's
+  end (the step boundaries are fractions of the whole run)."""
   peak, warm = cfg.learning_rate, min(cfg.warmup_steps, total_steps)
-
-  def schedule(step):
-    s = jnp.asarray(step, jnp.float32)
-    ramp = peak * jnp.minimum(1.0, (s + 1.0) / max(warm, 1)) if warm else peak
-    if cfg.schedule == "constant":
-      after = jnp.asarray(peak, jnp.float32)
-    elif cfg.schedule == "cosine":
-      frac = jnp.clip((s - warm) / max(total_steps - warm, 1), 0.0, 1.0)
-      after = peak * (cfg.final_fraction + (1 - cfg.final_fraction) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
-    else:
-      factor = jnp.ones((), jnp.float32)
-      for b in cfg.step_boundaries:
-        factor = jnp.where(s >= round(b * total_steps), factor * cfg.step_factor, factor)
-      after = peak * factor
-    return jnp.where(s < warm, ramp, after)
-
-  return schedule
+  if cfg.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  elif cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, max(total_steps - warm, 1), alpha=cfg.final_fraction)
+  else:
+    scales: dict[int, float] = {}
+    for b in cfg.step_boundaries:     # two fractions landing on one step multiply
+      at = max(round(b * total_steps) - warm, 0)
+      scales[at] = scales.get(at, 1.0) * cfg.step_factor
+    after = optax.piecewise_constant_schedule(peak, scales)
+  if not warm:
+    return after
+  ramp = optax.linear_schedule(peak / warm, peak, warm - 1)
+  return optax.join_schedules([ramp, after], [warm])
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int):

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -51,29 +52,12 @@ def abstract_params(abstract_state) -> dict:
                       nnx.to_pure_dict(abstract_state))
 
 
-def _keys(path):
-  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-
-
-def opt_state_specs(abstract_opt_state, params_abstract: dict, specs: dict):
-  """Optimizer leaves that mirror a parameter (Adam's moments) take its spec; the rest
-  (counts) are replicated."""
-  by_path = {}
-  flat_p = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
-  flat_s = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  for (path, leaf), spec in zip(flat_p, flat_s):
-    by_path[_keys(path)] = (leaf.shape, spec)
-  lengths = sorted({len(k) for k in by_path}, reverse=True)
-
-  def one(path, leaf):
-    keys = _keys(path)
-    for n in lengths:
-      hit = by_path.get(keys[-n:]) if len(keys) >= n else None
-      if hit is not None and hit[0] == leaf.shape:
-        return hit[1]
-    return P()
-
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+def opt_state_specs(optimizer, abstract_opt_state, specs: dict):
+  """Optimizer leaves that are copies of the parameter tree (Adam's moments) take the
+  parameters' specs, placed by optax's own map of its state; the rest (counts) are replicated."""
+  return optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt_state, specs,
+                               transform_non_params=lambda _: P(),
+                               is_leaf=lambda x: isinstance(x, P))
 
 
 def state_specs(cfg: ModelConfig, optimizer, mesh, model_cls=DeepseekV2):
@@ -86,7 +70,7 @@ def state_specs(cfg: ModelConfig, optimizer, mesh, model_cls=DeepseekV2):
               "step": jax.ShapeDtypeStruct((), jnp.int32),
               "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
               "nonfinite": jax.ShapeDtypeStruct((), jnp.int32)}
-  specs = {"params": pspecs, "opt_state": opt_state_specs(opt_abstract, params, pspecs),
+  specs = {"params": pspecs, "opt_state": opt_state_specs(optimizer, opt_abstract, pspecs),
            "step": P(), "rng": P(), "nonfinite": P()}
   return graphdef, abstract, specs
 

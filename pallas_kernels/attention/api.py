@@ -46,35 +46,39 @@ def _check(q, k, v, segment_ids):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"mla_attention: q, k, v must be [B, T, H, D]; got ranks "
                      f"{q.ndim}, {k.ndim}, {v.ndim}")
-  if k.shape != q.shape:
-    raise ValueError(f"mla_attention: k must have q's shape {q.shape}; got {k.shape}")
-  if v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"mla_attention: v must be [B, T, H, Dv] with q's B, T, H {q.shape[:3]}; "
+  if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]) \
+      or k.shape[1] < q.shape[1]:
+    raise ValueError(f"mla_attention: k must be [B, S, H, D] with q's B, H, D and S >= T "
+                     f"(q {q.shape}); got {k.shape}")
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"mla_attention: v must be [B, S, H, Dv] with k's B, S, H {k.shape[:3]}; "
                      f"got {v.shape}")
   if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
     raise ValueError(f"mla_attention: q, k, v must share one floating dtype; got "
                      f"{q.dtype}, {k.dtype}, {v.dtype}")
   if segment_ids is not None:
-    if segment_ids.shape != q.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError(f"mla_attention: segment_ids must be integer [B, T] = {q.shape[:2]}; got "
-                       f"{segment_ids.dtype}{list(segment_ids.shape)}")
+    if segment_ids.shape != k.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"mla_attention: segment_ids must be integer [B, S] = {k.shape[:2]} (the "
+                       f"keys' sequence); got {segment_ids.dtype}{list(segment_ids.shape)}")
 
 
-def _fit_blocks(bs: BlockSizes, t: int, backend: str) -> BlockSizes:
-  """Shrink blocks for short sequences; validate what the backend can tile."""
+def _fit_blocks(bs: BlockSizes, t: int, backend: str, s: int | None = None) -> BlockSizes:
+  """Shrink blocks for short sequences (query blocks to t, key blocks to s, default t);
+  validate what the backend can tile."""
+  def cap(n):
+    return max(16, 1 << (n - 1).bit_length()) if backend == "triton" else -(-n // 8) * 8
   if backend == "triton":
-    cap = max(16, 1 << (t - 1).bit_length())
     ok = lambda b: b >= 16 and b & (b - 1) == 0
     need = "a power of two >= 16"
   else:
-    cap = -(-t // 8) * 8
     ok = lambda b: b >= 8 and b % 8 == 0
     need = "a multiple of 8"
   fields = ("block_q", "block_k", "bwd_block_q", "bwd_block_k")
   for f in fields:
     if not ok(getattr(bs, f)):
       raise ValueError(f"mla_attention: {backend} {f} must be {need}; got {getattr(bs, f)}")
-  return dataclasses.replace(bs, **{f: min(getattr(bs, f), cap) for f in fields})
+  n = {"block_q": t, "bwd_block_q": t, "block_k": s or t, "bwd_block_k": s or t}
+  return dataclasses.replace(bs, **{f: min(getattr(bs, f), cap(n[f])) for f in fields})
 
 
 def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
@@ -82,7 +86,10 @@ def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: f
                   block_sizes: BlockSizes | None = None):
   """softmax(q k^T * sm_scale) v over [B, T, H, D] arrays with Dqk != Dv allowed.
 
-  segment_ids [B, T]: tokens attend only to tokens with the same id (packed documents).
+  k, v may be longer than q ([B, S, H, D], S >= T): the queries are then the last T positions
+  of the keys' sequence (query t sits at key position S - T + t; a context-parallel chunk of a
+  longer sequence, model/context.py). segment_ids [B, S] (the keys' sequence; the queries' ids
+  are its last T): tokens attend only to tokens with the same id (packed documents).
   backend: None picks by platform (GPU: Pallas Triton, TPU: Pallas Mosaic, else XLA).
   interpret: run the chosen kernel on CPU (Triton: Pallas' interpreter; TPU: TPU semantics via
   `pltpu.InterpretParams`, or pass an InterpretParams yourself).
@@ -91,28 +98,33 @@ def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: f
   backend = resolve_backend("mla_attention", backend, interpret)
   _check(q, k, v, segment_ids)
   b, t, h, dqk = q.shape
+  s = k.shape[1]
   dv = v.shape[-1]
   sm_scale = float(dqk ** -0.5 if sm_scale is None else sm_scale)
   if backend == "xla":
     return reference_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)
 
-  bs = _fit_blocks(block_sizes or DEFAULT_BLOCKS[backend], t, backend)
-  step = math.lcm(bs.block_q, bs.block_k, bs.bwd_block_q, bs.bwd_block_k)
-  t_pad = -(-t // step) * step
+  bs = _fit_blocks(block_sizes or DEFAULT_BLOCKS[backend], t, backend, s)
+  if s == t:
+    step = math.lcm(bs.block_q, bs.block_k, bs.bwd_block_q, bs.bwd_block_k)
+    t_pad = s_pad = -(-t // step) * step
+  else:   # both ends padded at the back; the kernels place query t at key s - t + t_local
+    step_q, step_k = math.lcm(bs.block_q, bs.bwd_block_q), math.lcm(bs.block_k, bs.bwd_block_k)
+    t_pad, s_pad = -(-t // step_q) * step_q, -(-s // step_k) * step_k
   if backend == "tpu" and not interpret:
     for f in ("block_k", "bwd_block_k"):
       blk = getattr(bs, f)
-      if blk != t_pad and blk % 128:
+      if blk != s_pad and blk % 128:
         raise ValueError(f"mla_attention: tpu {f} must be a multiple of 128 (Mosaic's lane "
-                         f"width) when shorter than the padded sequence {t_pad}; got {blk}")
+                         f"width) when shorter than the padded sequence {s_pad}; got {blk}")
   # Triton dots need K >= 16: zero columns leave q.k unchanged and add only zero outputs.
   d_mult = 16 if backend == "triton" else 1
   dqk_pad, dv_pad = -(-dqk // d_mult) * d_mult, -(-dv // d_mult) * d_mult
-  pad = lambda x, d: jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, d - x.shape[-1])))
-  qp, kp, vp = pad(q, dqk_pad), pad(k, dqk_pad), pad(v, dv_pad)
-  seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
+  pad = lambda x, n, d: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d - x.shape[-1])))
+  qp, kp, vp = pad(q, t_pad, dqk_pad), pad(k, s_pad, dqk_pad), pad(v, s_pad, dv_pad)
+  seg = (jnp.zeros((b, s), jnp.int32) if segment_ids is None
          else segment_ids.astype(jnp.int32))
-  seg = jnp.pad(seg, ((0, 0), (0, t_pad - t)))
+  seg = jnp.pad(seg, ((0, 0), (0, s_pad - s)))
 
   if backend == "triton":
     from pallas_kernels.attention import triton as module
@@ -130,7 +142,8 @@ def mla_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: f
     qp, kp, vp = (x.transpose(0, 2, 1, 3) for x in (qp, kp, vp))
 
   call = vjp.KernelCall(module=module, sm_scale=sm_scale, causal=bool(causal),
-                        kv_len=t if t_pad > t else None, use_seg=segment_ids is not None,
+                        kv_len=s if s_pad > s else None, use_seg=segment_ids is not None,
+                        q_offset=s - t,
                         fwd=tuple(fwd.items()), bwd=tuple(bwd.items()), interpret=interp)
   out = vjp.attention(call, qp, kp, vp, seg)
   if backend == "tpu":

@@ -17,7 +17,10 @@ def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool):
 
 def reference_attention(q_BTHK, k_BSHK, v_BSHV, *, segment_ids=None, causal: bool = True,
                         sm_scale: float | None = None):
-  """softmax(q k^T * sm_scale, masked) v, computed by XLA; [B, T, H, Dv] in v's dtype."""
+  """softmax(q k^T * sm_scale, masked) v, computed by XLA; [B, T, H, Dv] in v's dtype.
+
+  With S > T keys the queries are the last T positions of the keys' sequence; segment_ids is
+  then [B, S] and the queries' ids are its last T."""
   b, t = q_BTHK.shape[:2]
   s = k_BSHK.shape[1]
   if sm_scale is None:
@@ -25,7 +28,7 @@ def reference_attention(q_BTHK, k_BSHK, v_BSHV, *, segment_ids=None, causal: boo
   if segment_ids is None:
     q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
   else:
-    q_seg = kv_seg = segment_ids
+    q_seg, kv_seg = segment_ids[:, s - t:], segment_ids
   logits = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
                       preferred_element_type=jnp.float32) * sm_scale
   mask = attention_mask(q_seg, kv_seg, causal)

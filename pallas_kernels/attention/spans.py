@@ -29,3 +29,11 @@ def segment_spans(seg_BT, use_seg: bool = True):
   last = jnp.take_along_axis(order, end_at, axis=1)
   unsort = lambda x: jnp.zeros_like(x).at[jnp.arange(b)[:, None], order].set(x)
   return unsort(first), unsort(last)
+
+
+def query_rows(a_BS, q_offset: int, t: int):
+  """Columns [q_offset, q_offset + t) of a key-side [B, S] array: the queries' entries when they
+  are the last positions of the keys' sequence; edge-padded where the queries' padded rows run
+  past the keys' padded end."""
+  part = a_BS[:, q_offset:q_offset + t]
+  return jnp.pad(part, ((0, 0), (0, t - part.shape[1])), mode="edge")

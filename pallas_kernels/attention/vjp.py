@@ -22,6 +22,7 @@ class KernelCall:
   causal: bool
   kv_len: int | None               # real length when T was padded, else None
   use_seg: bool
+  q_offset: int                    # key position of query 0 (S - T; 0 for T = S)
   fwd: tuple                       # (name, value) block sizes / launch settings for forward()
   bwd: tuple                       # and for backward()
   interpret: Any
@@ -34,7 +35,8 @@ def attention(call: KernelCall, q, k, v, seg):
 
 def _kw(call: KernelCall, blocks: dict) -> dict:
   return dict(sm_scale=call.sm_scale, causal=call.causal, kv_len=call.kv_len,
-              use_seg=call.use_seg, interpret=call.interpret, **dict(blocks))
+              use_seg=call.use_seg, q_offset=call.q_offset, interpret=call.interpret,
+              **dict(blocks))
 
 
 def _fwd(call, q, k, v, seg):

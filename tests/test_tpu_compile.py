@@ -1,0 +1,189 @@
+"""The TPU compiler (libtpu, no TPU attached) compiles every Mosaic kernel at small ragged shapes
+and a tiny model's whole train step for a 4-chip v5p topology (coder_jax/train/aot.py,
+`--compile_topology`); wrong input is one line and exit status 2.
+
+libtpu comes from scripts/setup.sh (requirements-test.txt says why it lives in .venv/libtpu).
+Where it is absent (e.g. the GPU machine) these tests skip; under CI they fail instead, since CI
+installs it. Benchmark shapes and Lite-width steps are compiled by benchmarks/tpu_memory.py.
+"""
+
+import os
+import re
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from coder_jax import main as entry
+from coder_jax.train import aot
+
+if aot.libtpu_path() is None:
+  if os.environ.get("CI"):
+    raise RuntimeError("CI: libtpu is missing; " + aot.install_hint())
+  pytest.skip("libtpu is not installed: " + aot.install_hint(), allow_module_level=True)
+
+KERNEL = re.compile(r'custom_call_target="tpu_custom_call"')
+
+
+@pytest.fixture(scope="module")
+def v5p_chip():
+  """A one-chip mesh of a v5p topology: Mosaic reads the chip generation from the mesh."""
+  devices = aot.topology_devices(aot.parse_topology("v5p-8"))
+  return Mesh(np.array(devices[:1]), ("x",))
+
+
+def compile_on(mesh, fn, *shapes):
+  args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, P())) for s, d in shapes]
+  with jax.set_mesh(mesh), aot.no_persistent_cache():
+    return jax.jit(fn).lower(*args).compile()
+
+
+def kernels_in(compiled) -> int:
+  return len(KERNEL.findall(compiled.as_text()))
+
+
+@pytest.mark.parametrize("segments", [True, False])
+def test_attention_forward_and_backward_compile(v5p_chip, segments):
+  """B2 T200 (not a block multiple) H2, q/k 192, v 128, bf16: forward, dK/dV and dQ kernels."""
+  from pallas_kernels import mla_attention
+  bt, q, v = (2, 200), (2, 200, 2, 192), (2, 200, 2, 128)
+
+  def loss(q, k, v, seg):
+    out = mla_attention(q, k, v, segment_ids=seg if segments else None, backend="tpu")
+    return out.astype(jnp.float32).sum()
+
+  c = compile_on(v5p_chip, jax.grad(loss, argnums=(0, 1, 2)), (q, jnp.bfloat16),
+                 (q, jnp.bfloat16), (v, jnp.bfloat16), (bt, jnp.int32))
+  assert kernels_in(c) == 3
+
+
+@pytest.mark.parametrize("sizes", [(0, 600, 0, 400, 0), (997, 1, 1, 1, 0)],
+                         ids=["empty_groups", "skewed_groups"])
+def test_grouped_matmul_forward_and_both_backward_kernels_compile(v5p_chip, sizes):
+  """M1000 K200 N300 (none a tile multiple) G5, bf16, the group sizes known to the compiler:
+  the forward, dLHS (a gmm on transposed weights) and dRHS (tgmm) kernels."""
+  from pallas_kernels import grouped_matmul
+  group_sizes = jnp.asarray(sizes, jnp.int32)
+
+  def loss(lhs, rhs):
+    return grouped_matmul(lhs, rhs, group_sizes, backend="tpu").astype(jnp.float32).sum()
+
+  c = compile_on(v5p_chip, jax.value_and_grad(loss, argnums=(0, 1)), ((1000, 200), jnp.bfloat16),
+                 ((5, 200, 300), jnp.bfloat16))
+  assert kernels_in(c) == 3
+
+
+def test_latent_decode_kernel_compiles(v5p_chip):
+  """B3 H16 R512 Dr64 over a 1000-position cache (not a block multiple), bf16."""
+  from pallas_kernels import latent_decode_attention
+
+  def step(ql, qr, lat, rope, lengths):
+    return latent_decode_attention(ql, qr, lat, rope, lengths, sm_scale=0.1, backend="tpu")
+
+  c = compile_on(v5p_chip, step, ((3, 16, 512), jnp.bfloat16), ((3, 16, 64), jnp.bfloat16),
+                 ((3, 1000, 512), jnp.bfloat16), ((3, 1000, 64), jnp.bfloat16),
+                 ((3,), jnp.int32))
+  assert kernels_in(c) == 1
+
+
+TINY = ["--gin_file=gin_configs/experiments/tiny_pretrain.gin", "--gin.MODEL_DIR='/tmp/unused'",
+        "--gin.model_config.moe_impl='auto'", "--gin.pretrain.compute_dtype='bfloat16'",
+        "--gin.mesh_config.expert=2"]
+
+
+def test_tiny_train_step_compiles_for_v5p_8_with_kernels_and_dry_run_bytes(capsys):
+  """The tiny model (auto impls: the Mosaic attention and grouped matmul, compiled, not
+  interpreted) on v5p-8 = 4 chips, fsdp 2 x expert 2: the compiler's argument bytes split
+  exactly into the laid-out state and batch, and the state's logical bytes are --dry_run's."""
+  gin.clear_config()
+  try:
+    report = entry.main(TINY + ["--compile_topology=v5p-8"])
+    out = capsys.readouterr().out
+    gin.clear_config()
+    dry = entry.main(TINY + ["--dry_run", "--gin.pretrain.dry_run_devices=4"])
+  finally:
+    gin.clear_config()
+  assert report["chips"] == 4 and report["mesh"]["expert"] == 2 and report["mesh"]["fsdp"] == 2
+  assert report["mosaic_kernels"] >= 6        # attention fwd / dK dV / dQ, gmm fwd / dLHS / dRHS
+  assert report["params_bytes"] == dry["params_bytes_per_device"]
+  assert report["opt_state_bytes"] == dry["opt_state_bytes_per_device"]
+  laid = [report[f"compiled_{k}_bytes"] for k in ("params", "opt_state", "other_state", "batch")]
+  assert report["argument_bytes"] == sum(laid)
+  # Tiny dims are padded to 8 x 128 tiles; the logical bytes are a lower bound.
+  assert laid[0] >= report["params_bytes"] and laid[1] >= report["opt_state_bytes"]
+  assert laid[2] <= 4 * 512          # step, rng, the non-finite count: a 512-byte tile each
+  assert report["fits"] and report["temp_bytes"] > 0 and report["roofline_s"] > 0
+  assert 0 < report["mfu_bound"] <= 1
+  assert "fits, " in out and "roofline" in out and "Mosaic kernels" in out
+  assert jax.default_backend() == "cpu"
+
+
+def test_236b_on_v5p_8_does_not_fit(capsys):
+  """The float32 state of 236B over 4 chips is ~700 GB a chip: reported with the numbers,
+  without spending minutes compiling."""
+  gin.clear_config()
+  try:
+    report = entry.main(["--gin_file=gin_configs/experiments/coder_v2_pretrain.gin",
+                         "--gin.MODEL_DIR='/tmp/unused'", "--gin.DATA_DIR='/tmp/unused'",
+                         "--gin.mesh_config.fsdp=-1", "--gin.mesh_config.expert=4",
+                         "--compile_topology=v5p-8"])
+  finally:
+    gin.clear_config()
+  out = capsys.readouterr().out
+  assert not report["fits"] and not report["compiled"]
+  assert report["total_bytes"] > 6 * report["hbm_bytes"]
+  assert "does NOT fit" in out and "GiB" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile_topology=v9x-8"], r"unknown topology 'v9x-8'; use v4-N, v5e-N, v5p-N, v6e-N"),
+    (["--compile_topology=v5p-12"], r"'v5p-12' is not a v5p slice size"),
+    (["--compile_topology=v5p-8", "--gin.mesh_config.fsdp=1", "--gin.mesh_config.expert=8"],
+     r"v5p-8 has 4 chips; mesh_config: axes .* multiply to 8, but there are 4 devices"),
+    (["--compile_topology=v5p-8", "NO_LIBTPU"],
+     r"libtpu is not installed, so there is no TPU compiler; install it with "
+     r"`scripts/setup.sh requirements-test.txt`.*pip install \"jax\[tpu\]=="),
+])
+def test_bad_topology_input_is_one_line_with_exit_2(flags, message, monkeypatch, capsys):
+  if "NO_LIBTPU" in flags:
+    flags = [f for f in flags if f != "NO_LIBTPU"]
+    monkeypatch.setattr(aot, "libtpu_path", lambda: None)
+  gin.clear_config()
+  try:
+    assert entry.run(TINY + flags) == 2
+  finally:
+    gin.clear_config()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and re.search(message, err[0]), err
+
+
+@pytest.mark.parametrize("name, chips, grid", [
+    ("v5p-8", 4, (2, 2, 1)), ("v5p-16", 8, (2, 2, 2)), ("v5p-32", 16, (2, 2, 4)),
+    ("v5p-512", 256, (4, 8, 8)), ("v5e-256", 256, (16, 16)), ("v6e-32", 32, (4, 8)),
+    ("v4-8", 4, (2, 2, 1)), ("v6e-1", 1, (1, 1)),
+])
+def test_topology_names_follow_cloud_tpu(name, chips, grid):
+  topo = aot.parse_topology(name)
+  assert (topo.chips, topo.grid) == (chips, grid)
+
+
+def test_kernels_follow_the_mesh_not_the_host(v5p_chip):
+  """One rule (pallas_kernels.backends.target_platform): under a TPU topology's mesh `auto` and
+  `pallas` mean the Mosaic kernels, compiled; under this machine's CPU mesh they stay the XLA
+  paths and the interpreter."""
+  from coder_jax.decode.attention import IMPLS, get_decode_attention
+  from coder_jax.model.kernels import kernel_backend
+  from pallas_kernels.backends import resolve_backend
+  cpu = Mesh(np.array(jax.devices()[:1]), ("x",))
+  with jax.set_mesh(v5p_chip):
+    assert kernel_backend(None) == ("tpu", False) and kernel_backend("triton") == ("triton", True)
+    assert resolve_backend("op", None, False) == "tpu"
+    assert get_decode_attention("auto") is IMPLS["pallas"]
+  with jax.set_mesh(cpu):
+    assert kernel_backend(None) == ("triton", True) and kernel_backend("tpu") == ("tpu", True)
+    assert resolve_backend("op", None, False) == "xla"
+    assert get_decode_attention("auto") is IMPLS["reference"]
+  assert jax.default_backend() == "cpu"
