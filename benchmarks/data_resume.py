@@ -34,6 +34,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from coder_jax.train.metrics import read_metrics  # noqa: E402  (light: no jax, no TF)
 
 
 def data_table(data_dir: str, ns: list[int], seq_len: int, batch: int) -> list[tuple]:
@@ -95,24 +96,11 @@ def throughput(data_dir: str, seq_len: int = 4096, batch: int = 8, batches: int 
   return out
 
 
-def _metrics(model_dir):
-  out = {}
-  path = os.path.join(model_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    for line in open(path):
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      out[rec["step"]] = rec
-  return out
-
-
 def _wait(model_dir, step, proc, timeout=3600):
   """Time at which metrics.jsonl has a row for `step` or later."""
   t0 = time.time()
   while time.time() - t0 < timeout:
-    if max(_metrics(model_dir), default=0) >= step:
+    if max(read_metrics(model_dir), default=0) >= step:
       return time.time()
     if proc.poll() is not None:
       raise RuntimeError(f"the run exited ({proc.returncode}) before step {step}")
@@ -147,7 +135,7 @@ def e2e_prepare(data_dir: str, n: int, work: str) -> dict:
     if not name.isdigit() or int(name) > n:
       shutil.rmtree(os.path.join(ckpts, name))
   # Same TRAIN_STEPS on restart (the same learning rates), two steps.
-  return dict(n=n, model_dir=model_dir, killed=killed, before=_metrics(model_dir),
+  return dict(n=n, model_dir=model_dir, killed=killed, before=read_metrics(model_dir),
               cmd=cmd + ["--gin.pretrain.stop_after=2"], quiet=quiet)
 
 
@@ -169,7 +157,7 @@ def e2e_restart(run: dict, old: bool) -> tuple[float, bool]:
   p = subprocess.Popen([x.replace(model_dir, d) for x in run["cmd"]], **run["quiet"])
   t1 = _wait(d, n + 1, p)
   p.wait()
-  got = _metrics(d)
+  got = read_metrics(d)
   return t1 - t0, all(got[s]["loss"] == run["before"][s]["loss"] for s in (n + 1, n + 2))
 
 

@@ -1,19 +1,5 @@
-"""Reading a run's metrics.jsonl in tests."""
+"""Reading a run's metrics.jsonl in tests (the library's reader)."""
 
-import json
-import os
+from coder_jax.train.metrics import read_metrics
 
-
-def read_metrics(model_dir) -> dict:
-  """step -> last logged record (a resumed run logs the steps after its checkpoint again; a line
-  cut by kill -9 is skipped)."""
-  out = {}
-  path = os.path.join(str(model_dir), "metrics.jsonl")
-  if os.path.exists(path):
-    for line in open(path):
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      out[rec["step"]] = rec
-  return out
+__all__ = ["read_metrics"]

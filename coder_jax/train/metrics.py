@@ -105,6 +105,22 @@ class EventWriter:
       pass
 
 
+def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict]:
+  """step -> the last record metrics.jsonl holds for it ({} without the file). A resumed run
+  logs the steps after its checkpoint again; a line cut by kill -9 is skipped."""
+  out = {}
+  path = os.path.join(os.fspath(model_dir), "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        out[rec["step"]] = rec
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 # JSON-lines + TensorBoard metrics log.
 
