@@ -194,11 +194,14 @@ class Case:
 
 
 def attention_case(b, t, h, dqk, dv, *, segments: bool, grad: bool = True, block_sizes=None,
-                   dtype=jnp.bfloat16) -> Case:
+                   dtype=jnp.bfloat16, keys: int | None = None) -> Case:
+  """keys: S > t keys, the queries being their last t (the context-parallel path)."""
   from pallas_kernels.attention import mla_attention  # pylint: disable=import-outside-toplevel
+  s = keys or t
   q = jax.ShapeDtypeStruct((b, t, h, dqk), dtype)
-  v = jax.ShapeDtypeStruct((b, t, h, dv), dtype)
-  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  k = jax.ShapeDtypeStruct((b, s, h, dqk), dtype)
+  v = jax.ShapeDtypeStruct((b, s, h, dv), dtype)
+  seg = jax.ShapeDtypeStruct((b, s), jnp.int32)
 
   def fwd(q, k, v, seg):
     return mla_attention(q, k, v, segment_ids=seg if segments else None, causal=True,
@@ -207,9 +210,9 @@ def attention_case(b, t, h, dqk, dv, *, segments: bool, grad: bool = True, block
   fn = fwd
   if grad:
     fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  label = (f"attention B{b} T{t} H{h} {dqk}/{dv} causal{' +segments' if segments else ''} "
-           f"{jnp.dtype(dtype).name}")
-  return Case(label, fn, (q, q, v, seg))
+  label = (f"attention B{b} T{t}{f' S{s}' if keys else ''} H{h} {dqk}/{dv} "
+           f"causal{' +segments' if segments else ''} {jnp.dtype(dtype).name}")
+  return Case(label, fn, (q, k, v, seg))
 
 
 def gmm_case(m, k, n, g, *, grad: bool = True, tiling=None, dtype=jnp.bfloat16) -> Case:
@@ -241,7 +244,7 @@ def decode_case(b, h, r, dr, s, *, dtype=jnp.bfloat16, **settings) -> Case:
 # Shapes by op. bench: benchmarks/kernels.py's (decode: a 64-row batch at a 4K cache). Lite and
 # 236B: the models' head dims with packed documents (segments), their expert matmuls up
 # (hidden -> moe ff; Lite's is bench's) and down, their decode head counts at a 32K cache.
-# ragged: every dim off the tile.
+# ragged: every dim off the tile (attention also with queries the last of longer keys).
 def preset(name: str) -> dict[str, list[Case]]:
   if name == "bench":
     return {"attention": [attention_case(2, 4096, 16, 192, 128, segments=False)],
@@ -256,7 +259,8 @@ def preset(name: str) -> dict[str, list[Case]]:
             "gmm": [gmm_case(49152, 5120, 1536, 160), gmm_case(49152, 1536, 5120, 160)],
             "decode": [decode_case(8, 128, 512, 64, 32768)]}
   if name == "ragged":
-    return {"attention": [attention_case(2, 1000, 3, 192, 128, segments=True)],
+    return {"attention": [attention_case(2, 1000, 3, 192, 128, segments=True),
+                          attention_case(2, 1000, 3, 192, 128, segments=True, keys=1400)],
             "gmm": [gmm_case(1000, 1400, 1000, 5), gmm_case(200, 96, 72, 5, dtype=jnp.float32)],
             "decode": [decode_case(3, 5, 72, 40, 1000)]}
   raise ValueError(f"unknown shapes {name!r}; one of {PRESETS}")

@@ -60,6 +60,20 @@ def test_attention_forward_and_backward_compile(v5p_chip, segments):
   assert kernels_in(c) == 3
 
 
+def test_attention_with_keys_longer_than_queries_compiles(v5p_chip):
+  """The context-parallel path: T200 queries as the last of S328 keys (static q offset 128),
+  segment ids over the keys: forward, dK/dV and dQ kernels."""
+  from pallas_kernels import mla_attention
+
+  def loss(q, k, v, seg):
+    return mla_attention(q, k, v, segment_ids=seg, backend="tpu").astype(jnp.float32).sum()
+
+  c = compile_on(v5p_chip, jax.grad(loss, argnums=(0, 1, 2)), ((2, 200, 2, 192), jnp.bfloat16),
+                 ((2, 328, 2, 192), jnp.bfloat16), ((2, 328, 2, 128), jnp.bfloat16),
+                 ((2, 328), jnp.int32))
+  assert kernels_in(c) == 3
+
+
 @pytest.mark.parametrize("sizes", [(0, 600, 0, 400, 0), (997, 1, 1, 1, 0)],
                          ids=["empty_groups", "skewed_groups"])
 def test_grouped_matmul_forward_and_both_backward_kernels_compile(v5p_chip, sizes):
