@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from coder_jax.model import context  # noqa: E402
 from coder_jax.model.attention import MLAttention, get_attention_impl  # noqa: E402
 from coder_jax.model.config import get_config  # noqa: E402
+from coder_jax.model.info import latent_values_per_token  # noqa: E402
 from coder_jax.model.layers import dtype_of  # noqa: E402
 from coder_jax.model.rope import rope_tables  # noqa: E402
 from coder_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
@@ -113,7 +114,7 @@ def main():
   for preset in a.presets.split(","):
     cfg = get_config(preset, num_hidden_layers=1, dtype="bfloat16", param_dtype="bfloat16")
     h = cfg.num_attention_heads
-    lat_vals = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    lat_vals = latent_values_per_token(cfg)
     kv_vals = h * (cfg.qk_head_dim + cfg.v_head_dim)
     for s in (int(x) for x in a.lengths.split(",")):
       t0 = time.perf_counter()

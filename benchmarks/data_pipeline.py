@@ -75,7 +75,8 @@ def main(argv=None):
 
   import jax
   import tensorflow as tf
-  from coder_jax.data.__main__ import find_dataset, main as data_main
+  from coder_jax.data.__main__ import main as data_main
+  from coder_jax.data.layout import find_dataset
   from coder_jax.data.tokenizer import load_tokenizer
   from coder_jax.model.config import get_config
 

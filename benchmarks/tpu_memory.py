@@ -43,7 +43,9 @@ ROWS = {
                       ["--gin.BATCH_SIZE=128"]),
     "lite_32k_remat": ("Lite 32K, remat full, loss chunks 2048", LITE_32K, "v5p-64",
                        ["--gin.INIT_FROM_CHECKPOINT='/not/here'"]),
-    "236b_4k_v5p512": ("236B 4K, fsdp 32 x expert 8 (dropless)", BIG, "v5p-512", []),
+    # The smallest v5p slice that fits (aot.smallest_fit); the 236B preset drops tokens at
+    # capacity 1.0 with device-limited routing (gin_configs/models/coder_v2.gin).
+    "236b_4k_smallest": ("236B 4K, fsdp x expert 8, capacity 1.0", BIG, "v5p-auto", []),
 }
 
 
@@ -73,6 +75,10 @@ def table(rows: list[dict]) -> str:
           "roofline ms | MFU bound | compile s |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
+    if "mesh" not in r:      # a search that found no slice that fits
+      lines.append(f"| {r['what']} | none up to {r['search'][-1]['topology']} | " + "— | " * 10
+                   + "— |")
+      continue
     m = r["mesh"]
     mesh = "/".join(str(m.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor"))
     state = _gib(r["params_bytes"] + r["opt_state_bytes"])

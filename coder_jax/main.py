@@ -2,13 +2,17 @@
 
     python -m coder_jax.main --gin_file=gin_configs/experiments/tiny_pretrain.gin
         [--gin_file=...] [--gin.NAME=VALUE ...] [--gin_search_paths=DIR1,DIR2] [--dry_run]
+        [--verbose]
         [--compile_topology=v5p-16 [--compile_topology_num_slices=N] [--compile_save=FILE]]
 
 --dry_run resolves the config and prints the mesh, parameter counts and per-device memory of
 parameters + optimizer state without training. --compile_topology compiles the stage's real train
 step (and GRPO's sampler) ahead of time for a TPU topology on this machine and prints the
-compiler's per-device memory, FLOPs and a roofline bound (coder_jax/train/aot.py). Multi-host runs are joined from the launchers'
-environment (coder_jax.parallel.distributed).
+compiler's per-device memory, FLOPs and a roofline bound (coder_jax/train/aot.py);
+--compile_topology=v5p-auto searches for the smallest v5p slice that fits. Multi-host runs are
+joined from the launchers' environment (coder_jax.parallel.distributed). --verbose (or
+CODER_JAX_VERBOSE=1) shows the start-up notices of TensorFlow, XLA and CUDA that are otherwise
+filtered out (coder_jax/cli.py).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ def parse_flags(argv):
   ap = argparse.ArgumentParser(prog="python -m coder_jax.main", description=__doc__.split("\n")[0])
   ap.add_argument("--gin_file", action="append", default=[], help="repeatable")
   ap.add_argument("--dry_run", action="store_true", help="print mesh and memory, do not train")
+  ap.add_argument("--verbose", action="store_true",
+                  help="show TensorFlow / XLA / CUDA start-up notices (filtered otherwise)")
   ap.add_argument("--compile_topology", default=None, metavar="NAME",
                   help="compile the train step for a TPU topology (v5p-8, v5p-256, v5e-256, "
-                       "v6e-256, ...) on this machine and print its memory; needs libtpu")
+                       "v6e-256, ...) on this machine and print its memory; GEN-auto (v5p-auto) "
+                       "finds the smallest slice that fits; needs libtpu")
   ap.add_argument("--compile_topology_num_slices", type=int, default=1, metavar="N",
                   help="slices of that topology joined over the data-center network")
   ap.add_argument("--compile_save", default=None, metavar="FILE",
@@ -58,8 +65,8 @@ def main(argv=None):
   parse(args.gin_file, bindings, args.gin_search_paths.split(","))
   aot = None
   if args.compile_topology is not None:
-    from coder_jax.train.aot import CompileRequest, parse_topology
-    parse_topology(args.compile_topology, args.compile_topology_num_slices)   # fail fast
+    from coder_jax.train.aot import CompileRequest, topology_candidates
+    topology_candidates(args.compile_topology, args.compile_topology_num_slices)  # fail fast
     aot = CompileRequest(args.compile_topology, args.compile_topology_num_slices,
                          args.compile_save)
   return launch(dry_run=args.dry_run, aot=aot)
@@ -72,4 +79,7 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(run())
+  from coder_jax.cli import VERBOSE_ENV, command
+  if "--verbose" in sys.argv[1:]:
+    os.environ[VERBOSE_ENV] = "1"
+  sys.exit(command(main))

@@ -97,9 +97,11 @@ def test_loss_and_grads_equal_unsharded(reference, mesh_cfg, impl):
     compiled = step.lower(sharded, batch).compile()
     (loss, metrics), grads = compiled(sharded, batch)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-  for k in ref_metrics:
-    np.testing.assert_allclose(np.asarray(metrics[k]), np.asarray(ref_metrics[k]), rtol=1e-5,
-                               atol=1e-7, err_msg=k)
+  assert set(metrics) == set(ref_metrics)
+  for (path, m_ref), m in zip(jax.tree_util.tree_leaves_with_path(ref_metrics),
+                              jax.tree.leaves(metrics)):   # some are dicts (moe_drops)
+    np.testing.assert_allclose(np.asarray(m), np.asarray(m_ref), rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
   for (path, g_ref), g in zip(jax.tree_util.tree_leaves_with_path(ref_grads),
                               jax.tree.leaves(grads)):
     g_ref, g = np.asarray(g_ref), np.asarray(g)

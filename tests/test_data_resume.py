@@ -2,6 +2,7 @@
 the documents in progress; host-count changes and old batch-count states; the preemption guard's
 modes."""
 
+import glob
 import json
 import os
 import shutil
@@ -256,3 +257,92 @@ def test_two_processes_stop_at_the_same_step_through_the_coordination_service(tm
   assert res[0]["mode"] == res[1]["mode"] == "coordination"
   assert res[1]["signal"] == sig and res[0]["signal"] == "SIGTERM"
   assert res[0]["hosts"] == res[1]["hosts"] == [{"host": 0}, {"host": 1}]
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream's plan, kept per data directory: a second start registers no SeqIO task.
+
+def test_a_second_start_reads_the_plan_instead_of_registering_tasks(corpus, straight, tmp_path,
+                                                                    monkeypatch):
+  from coder_jax.data import stream_plan
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  cfg = _cfg(corpus)
+  first = Pipeline(cfg, prefetch=0)
+  assert _same(straight["batches"][0], next(first))
+  path = stream_plan.plan_path(cfg)
+  assert path.startswith(str(tmp_path / "cache" / "coder_jax" / "stream_plans"))
+  plan = stream_plan.cached_plan(cfg)
+  assert plan["version"] == stream_plan.VERSION and plan["tasks"]
+
+  def no_registration(self):
+    raise AssertionError("a second start registered the SeqIO tasks")
+
+  monkeypatch.setattr(Pipeline, "_provider", no_registration)
+  again = Pipeline(cfg, prefetch=0)
+  for want in straight["batches"][:3]:
+    assert _same(want, next(again))
+  resumed = Pipeline(cfg, position=straight["states"][17], prefetch=0)
+  assert _same(straight["batches"][17], next(resumed))
+  # Other settings or a changed corpus file make another plan.
+  other = _cfg(corpus, rates=tuple((t, 1.0) for t in ("c", "java", "python")))
+  assert stream_plan.plan_path(other) != path
+  assert stream_plan.plan_path(_cfg(corpus, split="validation")) != path
+  with pytest.raises(AssertionError, match="registered"):
+    next(Pipeline(other, prefetch=0))
+
+
+_SECOND_START = """
+import hashlib, json, sys
+from coder_jax.data.pipeline import DataConfig, Pipeline
+from coder_jax.data.fim import FimConfig
+cfg = DataConfig(**json.loads(sys.argv[1]), fim=FimConfig(rate=0.5, seed=3))
+p = Pipeline(cfg, prefetch=0)
+b = next(p)
+print(json.dumps({"tensorflow": "tensorflow" in sys.modules, "seqio": "seqio" in sys.modules,
+                  "batch": {k: v.tolist() for k, v in b.items()}}))
+"""
+
+
+def test_a_second_start_imports_no_tensorflow(corpus, straight, tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, XDG_CACHE_HOME=str(tmp_path / "cache"),
+             TF_CPP_MIN_LOG_LEVEL="3")
+  args = json.dumps(dict(data_dir=corpus["dataset_dir"], tokenizer=corpus["tok"], seq_len=128,
+                         batch_size=2, seed=3, long_doc_min_tokens=400, long_doc_factor=3))
+  runs = []
+  for _ in range(2):
+    res = subprocess.run([sys.executable, "-c", _SECOND_START, args], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    runs.append(json.loads(res.stdout.splitlines()[-1]))
+  assert runs[0]["tensorflow"] and runs[0]["seqio"]           # the first start made the plan
+  assert not runs[1]["tensorflow"] and not runs[1]["seqio"]   # the second only read it
+  for r in runs:
+    assert _same(straight["batches"][0], {k: np.asarray(v) for k, v in r["batch"].items()})
+
+
+def test_records_are_read_as_tensorflow_reads_them(corpus):
+  import tensorflow as tf
+  from coder_jax.data.stream import example_bytes
+  files = glob.glob(os.path.join(corpus["dataset_dir"], "*.tfrecord-*"))
+  n = 0
+  for f in files:
+    for rec in tf.data.TFRecordDataset(f).as_numpy_iterator():
+      ex = tf.train.Example.FromString(rec)
+      assert example_bytes(rec) == {k: v.bytes_list.value[0]
+                                    for k, v in ex.features.feature.items()}
+      n += 1
+  assert n >= 10
+  # Other kinds of feature, several values, empty and long values, a key of any text.
+  ex = tf.train.Example(features=tf.train.Features(feature={
+      "ints": tf.train.Feature(int64_list=tf.train.Int64List(value=[1, -5, 2**40])),
+      "floats": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5, 2.0])),
+      "many": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"first", b"second"])),
+      "empty": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""])),
+      "long": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x" * 300_000])),
+      "ключ ✓": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"\x00\xff"])),
+  }))
+  assert example_bytes(ex.SerializeToString()) == {
+      "many": b"first", "empty": b"", "long": b"x" * 300_000, "ключ ✓": b"\x00\xff"}

@@ -16,7 +16,7 @@ import pytest
 from coder_jax.decode import (cache_bytes_per_token, cut_at_stop, filter_logits, generate,
                               generate_ids, prefill, sample, values_per_token)
 from coder_jax.decode.attention import get_decode_attention
-from coder_jax.decode.generate import _decode_step
+from coder_jax.decode.generate import _decode_step, sampler_rows
 from coder_jax.model import get_config, init_model
 
 TINY = get_config("tiny", dtype="float32", moe_impl="dense")
@@ -28,33 +28,71 @@ YARN = get_config("tiny", dtype="float32", moe_impl="dense", q_lora_rank=24,
                   routed_scaling_factor=2.5)
 
 
+# The expert path decoding takes by default (`auto`: on CPU the tiled scan, which picks the
+# gathered experts for fewer copies than experts and the dense product for few rows) with
+# group-limited routing.
+AUTO_GROUPS = get_config("tiny", dtype="float32", moe_impl="auto", q_lora_rank=24,
+                         topk_method="group_limited_greedy", n_group=4, topk_group=2)
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("cfg", [TINY, YARN], ids=["tiny", "qlora_yarn"])
-def test_cached_decoding_equals_full_forward_at_every_position(cfg):
+@pytest.mark.parametrize("cfg,lengths", [
+    (TINY, [4, 13, 9]), (YARN, [4, 13, 9]), (AUTO_GROUPS, [4, 13, 9]), (AUTO_GROUPS, [7]),
+    (AUTO_GROUPS, [3, 16, 5, 9, 1, 12, 8, 2])],
+    ids=["tiny", "qlora_yarn", "auto_groups_gathered", "auto_groups_batch1",
+         "auto_groups_dense"])
+def test_cached_decoding_equals_full_forward_at_every_position(cfg, lengths):
   """Rows of different prompt lengths, prefilled together, then fed the true next tokens one at
-  a time: every step's logits equal the full forward's at that position."""
+  a time: every step's logits equal the full forward's at that position, and its argmax the
+  full forward's. With `auto` experts the decode steps take the gathered experts (fewer copies
+  than experts: 3 rows and 1 row x top-2 of 8) or the dense product (8 rows), the prefill the
+  tiled scan; the layers come sliced from the stacks or unstacked once (decode_layers)."""
   model = init_model(cfg, seed=1)
   rng = np.random.default_rng(0)
-  full = rng.integers(3, cfg.vocab_size, (3, 24))
-  lengths = np.array([4, 13, 9])
+  b, lengths = len(lengths), np.array(lengths)
+  full = rng.integers(3, cfg.vocab_size, (b, 24))
   want = np.asarray(model(jnp.asarray(full)))
-  prompt = np.zeros((3, 16), np.int32)
+  prompt = np.zeros((b, 16), np.int32)
   for i, n in enumerate(lengths):
     prompt[i, :n] = full[i, :n]
   logits, cache = prefill(model, jnp.asarray(prompt), jnp.asarray(lengths), 16 + 8)
   for i, n in enumerate(lengths):
     assert _rel(logits[i], want[i, n - 1]) <= 1e-4
   attend = get_decode_attention("reference")
+  layers = [s.unstacked() for s in model.stacks]
   step = jax.jit(lambda c, t, p: _decode_step(model, c, t, p, attend))
+  step_unstacked = jax.jit(lambda c, t, p: _decode_step(model, c, t, p, attend, layers))
   for k in range(8):
     pos = lengths + k
-    logits, cache = step(cache, jnp.asarray(full[np.arange(3), pos]), jnp.asarray(pos))
-    for i in range(3):
+    args = (jnp.asarray(full[np.arange(b), pos]), jnp.asarray(pos))
+    other, _ = step_unstacked(cache, *args)
+    logits, cache = step(cache, *args)
+    np.testing.assert_allclose(other, logits, rtol=1e-6, atol=1e-6)
+    for i in range(b):
       assert _rel(logits[i], want[i, pos[i]]) <= 1e-4, (k, i)
+      assert int(np.argmax(logits[i])) == int(np.argmax(want[i, pos[i]])), (k, i)
+
+
+def test_decode_step_writes_the_cache_in_place():
+  """A decode step with the cache donated aliases every cache buffer to its output and holds
+  no temporary as large as one layer's cache (no copy of a layer's slice to write one entry)."""
+  model = init_model(get_config("tiny", dtype="float32", moe_impl="auto"), seed=0)
+  b, s = 4, 2048
+  _, cache = prefill(model, jnp.ones((b, 8), jnp.int32), jnp.full((b,), 8), s)
+  attend = get_decode_attention("reference")
+  layers = [st.unstacked() for st in model.stacks]
+  step = jax.jit(lambda c, t, p: _decode_step(model, c, t, p, attend, layers), donate_argnums=0)
+  mem = step.lower(cache, jnp.ones((b,), jnp.int32), jnp.full((b,), 8)).compile(
+      ).memory_analysis()
+  one_layer = cache.latent[0].nbytes + cache.rope[0].nbytes
+  assert len(cache.latent) == model.cfg.num_hidden_layers
+  assert mem.alias_size_in_bytes == cache.nbytes()
+  # What is left is the scores and probabilities ([B, H, S]: 0.1 of a layer for tiny).
+  assert mem.temp_size_in_bytes < one_layer / 2, (mem.temp_size_in_bytes, one_layer)
 
 
 def test_cache_holds_only_latent_and_rope_key():
@@ -186,6 +224,12 @@ def test_sharded_generation_matches_one_device(impl):
     grouped = [p for p in PROMPTS for _ in range(3)]
     got = generate_ids(sharded, grouped, max_new_tokens=6, mesh=mesh, group_size=3)
     assert got.tokens == [t for t in want for _ in range(3)]
+    # 2 runs of 2 on 8 row shards: 8 rows, whose 4 runs do not divide over 8 devices, so every
+    # row is prefilled (before, the prefill's 4 rows failed to split over the batch axes).
+    assert sampler_rows(4, 2, 8) == (8, 1) and sampler_rows(12, 3, 8) == (24, 3)
+    pair = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    got = generate_ids(sharded, pair, max_new_tokens=6, mesh=mesh, group_size=2)
+    assert got.tokens == [want[0]] * 2 + [want[1]] * 2
 
 
 @pytest.mark.parametrize("impl", ["pallas_triton", "pallas_tpu"])

@@ -1,8 +1,9 @@
 """Expert parallelism (coder_jax/parallel/expert.py) and device-limited routing, on 8 fake CPUs.
 
-Dropless sharded MoE == unsharded MoE (outputs and gradients, op level and model level); capacity
-mode against an independent numpy transcription of the per-device budget rule; device-limited
-routing against float64 numpy; the config / batch-split errors.
+Dropless sharded MoE == unsharded MoE (outputs and gradients, op level and model level); the
+pair capacity rule against an independent numpy transcription (the per-device rule, guarded
+rows and bounded buffers: test_expert_dispatch.py); device-limited routing against float64
+numpy; the config / batch-split errors.
 """
 
 import contextlib
@@ -113,7 +114,7 @@ def _np_moe(p, kept):
 
 
 def _np_kept(experts, affinity, *, n_local, num_devices, capacity_factor):
-  """The per-device budget, written independently: each block of n_local consecutive tokens (one
+  """The pair rule, written independently: each block of n_local consecutive tokens (one
   device's shard) sends, to each destination device, only its C highest-affinity copies (copies
   flattened token-major; ties: lower copy index first)."""
   n, k = experts.shape
@@ -205,7 +206,7 @@ def test_capacity_formula():
 @pytest.mark.parametrize("mesh_shape", CAPACITY_MESHES)
 def test_capacity_keeps_highest_affinity_per_destination(mesh_shape, capacity_factor):
   n = 64
-  cfg = _cfg(capacity_factor=capacity_factor)
+  cfg = _cfg(capacity_factor=capacity_factor, capacity_rule="pair")
   # Bias towards experts 0, 1 (device 0 whenever P > 1) so that budgets overflow.
   bias = np.array([2.5, 2.0, 0, 0, 0, 0, 0, 0])
   p = _problem(20 + int(capacity_factor * 10), n, bias=bias)
@@ -227,7 +228,7 @@ def test_capacity_keeps_highest_affinity_per_destination(mesh_shape, capacity_fa
 @pytest.mark.parametrize("mesh_shape", [None, (1, 2, 4, 1)])
 def test_capacity_ties_break_by_lower_copy_index(mesh_shape):
   n = 64
-  cfg = _cfg(capacity_factor=0.75)
+  cfg = _cfg(capacity_factor=0.75, capacity_rule="pair")
   p = _problem(30, n, bias=np.array([1.5, 1.5, 0, 0, 0, 0, 0, 0]))
   # Affinities on a coarse grid: many exact ties, which only the copy index can break.
   p["affinity"] = np.random.default_rng(31).choice(

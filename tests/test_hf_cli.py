@@ -61,7 +61,8 @@ def test_errors_return_2_and_print_error(tmp_path, capsys):
   llama.mkdir()
   (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
   assert main(["import", "--hf_dir", str(llama), "--out", out]) == 2
-  assert "error: model_type" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "model_type" in err, err
   assert not os.path.exists(out)
 
   existing = tmp_path / "existing"

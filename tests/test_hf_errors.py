@@ -226,14 +226,15 @@ def test_sharded_save_is_bounded_indexed_and_loads_identically(model, tmp_path):
 
 
 def _fail_after_first_write(monkeypatch):
-  real, calls = hf.write_file, []
+  from coder_jax.hf import write as hf_write
+  real, calls = hf_write.write_file, []
 
   def flaky(*args, **kw):
     if calls:
       raise OSError("disk full (injected by the test)")
     return calls.append(1) or real(*args, **kw)
 
-  monkeypatch.setattr(hf, "write_file", flaky)
+  monkeypatch.setattr(hf_write, "write_file", flaky)
 
 
 def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):

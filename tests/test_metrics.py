@@ -301,3 +301,55 @@ def test_progress_defaults_to_stderr(capsys):
   p.close()
   err = capsys.readouterr().err
   assert "2/4" in err and "loss 1.250" in err
+
+
+def test_progress_into_a_pipe_prints_every_n_seconds_and_the_last_step():
+  clock, out = FakeClock(), io.StringIO()
+  p = Progress(100, stream=out, clock=clock, every_s=30.0)
+  printed = []
+  for step in range(1, 101):
+    clock.t += 4.0                       # 4 s a step: a line about every 8 steps
+    p.update(step, {"loss": 1.0})
+    printed = [l.split()[1] for l in out.getvalue().splitlines()]
+  # The first update, then each once 30 s have passed since the last printed line, and step 100.
+  assert printed == ["1/100", "9/100", "17/100", "25/100", "33/100", "41/100", "49/100",
+                     "57/100", "65/100", "73/100", "81/100", "89/100", "97/100", "100/100"]
+  p.close()
+  assert out.getvalue().count("\n") == len(printed)   # nothing held back at the end
+
+
+def test_progress_close_prints_the_step_a_stopped_run_reached():
+  clock, out = FakeClock(), io.StringIO()
+  p = Progress(1000, stream=out, clock=clock, every_s=30.0)
+  for step in range(1, 8):
+    clock.t += 1.0
+    p.update(step, {"loss": float(step)})
+  assert [l.split()[1] for l in out.getvalue().splitlines()] == ["1/1000"]
+  p.message("step 7: eval_loss 2.5")   # a message line does not drop the held progress line
+  p.close()
+  lines = out.getvalue().splitlines()
+  assert lines[1] == "step 7: eval_loss 2.5"
+  assert lines[2].split()[1] == "7/1000" and "loss 7.000" in lines[2] and len(lines) == 3
+  p.close()
+  assert len(out.getvalue().splitlines()) == 3
+
+
+def test_progress_on_a_terminal_rewrites_every_step_and_messages_start_a_new_line():
+  clock, out = FakeClock(), TTYStringIO()
+  p = Progress(10, stream=out, clock=clock, every_s=3600.0)
+  for step in range(1, 4):
+    p.update(step, {"loss": 1.0})      # the interval applies to files and pipes only
+  assert out.getvalue().count("\r") == 3 and "\n" not in out.getvalue()
+  p.message("step 3: non-finite loss")
+  p.update(4, {})
+  p.close()
+  text = out.getvalue()
+  assert "3/10" in text.split("\n")[0] and text.split("\n")[1] == "step 3: non-finite loss"
+  assert text.split("\n")[2].startswith("\r") and "4/10" in text.split("\n")[2]
+  assert text.endswith("\n") and text.count("\n") == 3
+
+
+def test_split_modules_keep_the_old_imports():
+  from coder_jax.train import events, progress
+  assert metrics.EventWriter is events.EventWriter and metrics.Progress is progress.Progress
+  assert metrics.format_duration is progress.format_duration

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from coder_jax import main as entry
-from coder_jax.train import aot
+from coder_jax.train import aot, topology
 
 if aot.libtpu_path() is None:
   if os.environ.get("CI"):
@@ -152,8 +152,113 @@ def test_236b_on_v5p_8_does_not_fit(capsys):
   assert "does NOT fit" in out and "GiB" in out
 
 
+# Reference attention and dense experts: the other stages' steps and GRPO's sampler in about
+# 10 s of compiling each (the kernels are compiled above and in the pretraining step).
+SMALL = ["--gin.MODEL_DIR='/tmp/unused'", "--gin.model_config.attention_impl='reference'",
+         "--gin.model_config.moe_impl='dense'"]
+
+
+def test_tiny_grpo_compiles_train_step_and_sampler_for_v5p_8(capsys):
+  """GRPO: the policy's train step (GRPO loss over response positions) and the sampler as the
+  stage runs it (one prefill per group of G rows, the decode loop with the Mosaic latent
+  decode kernel), both for the 4 chips of v5p-8."""
+  gin.clear_config()
+  try:
+    report = entry.main(["--gin_file=gin_configs/experiments/tiny_grpo.gin", *SMALL,
+                         "--gin.grpo.seq_len=64", "--gin.grpo.max_new_tokens=8",
+                         "--gin.PROMPTS_PER_STEP=4", "--gin.GROUP_SIZE=2",
+                         "--compile_topology=v5p-8"])
+  finally:
+    gin.clear_config()
+  out = capsys.readouterr().out
+  assert report["stage"] == "grpo" and report["compiled"] and report["fits"]
+  assert report["mesh"]["fsdp"] == 4
+  assert {"advantages", "old_logp", "ref_logp"} <= set(report["batch_keys"])   # beta 0.04 > 0
+  assert report["argument_bytes"] == sum(
+      report[f"compiled_{k}_bytes"] for k in ("params", "opt_state", "other_state", "batch"))
+  dec = report["decode"]
+  # 4 prompts x G 2 = 8 rows over 4 shards; the prompt slot is seq_len - max_new_tokens + 1.
+  assert (dec["rows"], dec["group"], dec["prompt_len"], dec["max_new_tokens"]) == (8, 2, 57, 8)
+  assert dec["compiled"] and dec["fits"] and dec["mosaic_kernels"] >= 1
+  assert 0 < dec["total_bytes"] < report["total_bytes"]
+  assert "sampler              8 rows x (57 prompt + 8 new) tokens, one prefill per 2 rows" in out
+
+
+def test_tiny_reward_model_compiles_for_v5p_8(capsys):
+  """The reward model's train step: the backbone --dry_run counts plus the D x 1 score head."""
+  rm = ["--gin_file=gin_configs/experiments/tiny_reward_model.gin", *SMALL, "--gin.SEQ_LEN=64",
+        "--gin.BATCH_SIZE=8"]
+  gin.clear_config()
+  try:
+    report = entry.main(rm + ["--compile_topology=v5p-8"])
+    gin.clear_config()
+    dry = entry.main(rm + ["--dry_run", "--gin.reward_model.dry_run_devices=4"])
+  finally:
+    gin.clear_config()
+  assert report["stage"] == "reward_model" and report["compiled"] and report["fits"]
+  assert report["mesh"]["fsdp"] == 4 and "decode" not in report
+  head = 64 // 4 * 4               # [hidden 64, 1] float32, its hidden dim split over fsdp 4
+  assert report["params_bytes"] == dry["params_bytes_per_device"] + head
+  assert report["argument_bytes"] == sum(
+      report[f"compiled_{k}_bytes"] for k in ("params", "opt_state", "other_state", "batch"))
+  assert report["temp_bytes"] > 0 and "fits, " in capsys.readouterr().out
+
+
+def test_smallest_fit_skips_hopeless_sizes_without_compiling(monkeypatch, capsys):
+  """v5p-auto for 236B (expert 8): v5p-8's 4 chips cannot hold the expert axis, v5p-16 to
+  v5p-64 cannot hold the float32 parameters, Adam state and gradients (16 bytes a parameter,
+  ~3.8 TB in all; on v5p-64's 32 chips 110 GiB a chip), so the first compile is v5p-128; here
+  the compiler is stubbed to say that v5p-128 does not fit and v5p-256 does, and the search
+  stops there."""
+  compiled = []
+
+  def fake_compile_for(topo, save_to, **kw):
+    compiled.append(topo.name)
+    if topo.chips < 128:     # as the real compiler answers for v5p-128
+      return {"topology": topo.name, "fits": False, "compiled": False,
+              "compiler_message": "RESOURCE_EXHAUSTED: Ran out of memory on HBM"}
+    return {"topology": topo.name, "chips": topo.chips, "fits": True, "compiled": True,
+            "total_bytes": 80e9}
+
+  monkeypatch.setattr(aot, "_compile_for", fake_compile_for)
+  gin.clear_config()
+  try:
+    report = entry.main(["--gin_file=gin_configs/experiments/coder_v2_pretrain.gin",
+                         "--gin.MODEL_DIR='/tmp/unused'", "--gin.DATA_DIR='/tmp/unused'",
+                         "--compile_topology=v5p-auto"])
+  finally:
+    gin.clear_config()
+  out = capsys.readouterr().out
+  assert compiled == ["v5p-128", "v5p-256"]
+  assert report["topology"] == "v5p-256" and report["fits"]
+  steps = {s["topology"]: s for s in report["search"]}
+  assert list(steps) == ["v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128", "v5p-256"]
+  assert "not divisible by the fixed axes" in steps["v5p-8"]["reason"]
+  for name in ("v5p-16", "v5p-32", "v5p-64"):
+    assert re.search(r"\+ gradients .* already exceed the 88.48 GiB of HBM",
+                     steps[name]["reason"])
+  assert steps["v5p-128"]["outcome"] == "does not fit"
+  assert steps["v5p-128"]["compiler_message"].startswith("RESOURCE_EXHAUSTED")
+  assert steps["v5p-256"] == {"topology": "v5p-256", "outcome": "fits", "total_bytes": 80e9}
+  assert "smallest that fits   v5p-256 (128 chips)" in out
+
+
+@pytest.mark.parametrize("name, first, last, count", [
+    ("v5p-auto", "v5p-8", "v5p-16384", 12), ("v5e-auto", "v5e-1", "v5e-256", 8),
+    ("v4-auto", "v4-8", "v4-8192", 11),
+])
+def test_auto_topologies_run_from_the_smallest_to_the_largest_slice(name, first, last, count):
+  topos = aot.topology_candidates(name)
+  assert (topos[0].name, topos[-1].name, len(topos)) == (first, last, count)
+  assert [t.chips for t in topos] == sorted(t.chips for t in topos)
+  assert topos[-1].chips <= topos[-1].chip.max_chips
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--compile_topology=v9x-8"], r"unknown topology 'v9x-8'; use v4-N, v5e-N, v5p-N, v6e-N"),
+    (["--compile_topology=v9x-auto"], r"unknown topology 'v9x-auto'; .* or GEN-auto"),
+    (["--compile_topology=v5p-auto", "--compile_topology_num_slices=0"],
+     r"--compile_topology_num_slices must be a positive integer, got 0"),
     (["--compile_topology=v5p-12"], r"'v5p-12' is not a v5p slice size"),
     (["--compile_topology=v5p-8", "--gin.mesh_config.fsdp=1", "--gin.mesh_config.expert=8"],
      r"v5p-8 has 4 chips; mesh_config: axes .* multiply to 8, but there are 4 devices"),
@@ -164,7 +269,7 @@ def test_236b_on_v5p_8_does_not_fit(capsys):
 def test_bad_topology_input_is_one_line_with_exit_2(flags, message, monkeypatch, capsys):
   if "NO_LIBTPU" in flags:
     flags = [f for f in flags if f != "NO_LIBTPU"]
-    monkeypatch.setattr(aot, "libtpu_path", lambda: None)
+    monkeypatch.setattr(topology, "libtpu_path", lambda: None)
   gin.clear_config()
   try:
     assert entry.run(TINY + flags) == 2

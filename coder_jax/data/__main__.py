@@ -18,8 +18,9 @@ import json
 import os
 import sys
 
-from coder_jax.data.layout import STATS_NAME, TOKENIZER_NAME, corpus_name, tokenizer_of
-from coder_jax.data.layout import find_dataset  # noqa: F401  (eval and benchmarks import it here)
+from coder_jax.cli import command, exit_status
+from coder_jax.data.layout import (STATS_NAME, TOKENIZER_NAME, corpus_name, find_dataset,
+                                   tokenizer_of)
 
 
 def _flag(flag: str, fn, *args):
@@ -111,9 +112,8 @@ def _print_row(batch, row, args, vocab) -> None:
           + (" ..." if len(text) > args.max_chars else ""))
 
 
-def main(argv=None) -> int:
+def parse_flags(argv=None):
   from coder_jax.data.corpus import MAX_DOC_CHARS
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   ap = argparse.ArgumentParser(prog="python -m coder_jax.data", description=__doc__.split("\n")[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
   b = sub.add_parser("build", help="read a corpus into a TFDS dataset and train a tokenizer")
@@ -137,14 +137,18 @@ def main(argv=None) -> int:
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--fim_rate", type=float, default=0.5)
   s.add_argument("--max_chars", type=int, default=400)
-  args = ap.parse_args(argv)
-  try:
-    (cmd_build if args.cmd == "build" else cmd_show)(args)
-  except (ValueError, OSError) as e:  # OSError: e.g. an unwritable --out, named in the message
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return ap.parse_args(argv)
+
+
+def _main(argv=None) -> None:
+  args = parse_flags(argv)
+  (cmd_build if args.cmd == "build" else cmd_show)(args)
+
+
+def main(argv=None) -> int:
+  """0, or 2 after one `error:` line for an error a user can fix (coder_jax/cli.py)."""
+  return exit_status(_main, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(command(_main))

@@ -21,6 +21,7 @@ from coder_jax.data.corpus import (MAX_DOC_CHARS, BuildStats, check_sources, cut
                                    iter_documents, split_of)
 from coder_jax.data.layout import STATS_NAME, TFDS_NAME
 from coder_jax.data.tasks import language_split
+from coder_jax.files import write_atomic
 
 
 class CodeCorpusConfig(tfds.core.BuilderConfig):
@@ -144,7 +145,5 @@ def build(sources, data_dir: str, *, name: str | None = None, max_file_bytes: in
   stats = builder.build_stats.to_dict()
   stats["per_split_language"] = builder.per_split_language
   stats["sources"] = list(builder.builder_config.sources)
-  with open(stats_path + ".tmp", "w") as fh:
-    json.dump(stats, fh, indent=2)
-  os.replace(stats_path + ".tmp", stats_path)  # its presence marks a finished build
+  write_atomic(stats_path, json.dumps(stats, indent=2))  # its presence marks a finished build
   return builder.data_dir, stats

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from coder_jax.cli import command, exit_status
 from coder_jax.data.chat import ChatData, ChatTemplate
 from coder_jax.data.tokenizer import load_tokenizer
 
@@ -40,7 +41,7 @@ def show_row(tok, row: dict, max_chars: int) -> list[str]:
   return lines
 
 
-def main(argv=None) -> int:
+def parse_flags(argv=None):
   ap = argparse.ArgumentParser(prog="python -m coder_jax.data.chat_cli",
                                description=__doc__.split("\n")[0])
   ap.add_argument("--data", required=True, help="chat JSONL (.gz allowed)")
@@ -49,21 +50,25 @@ def main(argv=None) -> int:
   ap.add_argument("--num", type=int, default=2, help="packed rows to print")
   ap.add_argument("--overlong", default="skip", choices=("skip", "truncate"))
   ap.add_argument("--max_chars", type=int, default=400)
-  args = ap.parse_args(argv)
-  try:
-    data = ChatData(path=args.data, tokenizer=args.tokenizer, template=ChatTemplate(),
-                    shuffle=False, epochs=1, overlong=args.overlong)
-    tok = load_tokenizer(args.tokenizer)
-    n = tok.get_vocab_size(with_added_tokens=True)
-    stream = data.open(model_vocab=n, batch_rows=1, seq_len=args.seq_len, shard=0,
-                       num_shards=1, start_batch=0)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return ap.parse_args(argv)
+
+
+def _main(argv=None) -> None:
+  args = parse_flags(argv)
+  data = ChatData(path=args.data, tokenizer=args.tokenizer, template=ChatTemplate(),
+                  shuffle=False, epochs=1, overlong=args.overlong)
+  tok = load_tokenizer(args.tokenizer)
+  n = tok.get_vocab_size(with_added_tokens=True)
+  stream = data.open(model_vocab=n, batch_rows=1, seq_len=args.seq_len, shard=0,
+                     num_shards=1, start_batch=0)
   for batch in itertools.islice(stream, args.num):
     print("\n".join(show_row(tok, {k: v[0] for k, v in batch.items()}, args.max_chars)))
-  return 0
+
+
+def main(argv=None) -> int:
+  """0, or 2 after one `error:` line for an error a user can fix (coder_jax/cli.py)."""
+  return exit_status(_main, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(command(_main))

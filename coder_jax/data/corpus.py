@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 
 from coder_jax.data.cuts import chunk_bounds
+from coder_jax.files import write_atomic
 from coder_jax.data.languages import language_of, normalize_language
 
 SKIP_REASONS: tuple[str, ...] = (
@@ -86,13 +87,8 @@ class BuildStats:
     return dataclasses.asdict(self)
 
   def save(self, path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-      json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
     # Readers (a resumed build, tasks.py) never see a half-written file.
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
   @classmethod
   def load(cls, path: str) -> BuildStats:

@@ -275,29 +275,25 @@ class Pipeline:
     return provider
 
   def source(self):
-    """The seekable stream of token pieces for this shard (`stream.py`), at its start."""
-    import seqio
-    import tensorflow_datasets as tfds
+    """The seekable stream of token pieces for this shard (`stream.py`), at its start. With the
+    stream's plan in the user cache (`stream_plan.py`) this imports no TensorFlow or SeqIO."""
     from coder_jax.data.fim import FimIds
     from coder_jax.data.stream import MixtureStream, RecordSplit, TaskStream
-    from coder_jax.data.tasks import language_split, load_build_stats, safe_name
+    from coder_jax.data.stream_plan import cached_plan, make_plan
+    from coder_jax.data.tokenizer import TextEncoder
     cfg = self.cfg
-    provider = self._provider()
-    mixed = isinstance(provider, seqio.Mixture)
-    tasks = [t for t in (provider.tasks if mixed else [provider]) if cfg.split in t.splits]
-    rates = {t.name: provider.get_rate(t) if mixed else 1.0 for t in tasks}
-    lang = {f"code_{safe_name(l)}": l for l in load_build_stats(cfg.data_dir)["per_language"]}
-    info = tfds.builder_from_directory(cfg.data_dir).info
-    v = self.vocabulary
+    plan = cached_plan(cfg) or make_plan(cfg, self._provider())
+    v = self.vocabulary = TextEncoder(cfg.tokenizer)
     common = dict(shard=self.shard_index, num_shards=self.num_shards, seed=cfg.seed,
                   shuffle=cfg.shuffle, seq_len=cfg.seq_len, encode=v.encode,
                   ids=FimIds(v.fim_begin_id, v.fim_hole_id, v.fim_end_id), eos_id=v.eos_id,
                   fim=cfg.fim, long_doc_min_tokens=cfg.long_doc_min_tokens,
                   long_doc_factor=cfg.long_doc_factor, num_epochs=self.num_epochs)
-    streams = {t.name: TaskStream(t.name, RecordSplit(cfg.data_dir, info.splits[
-        language_split(cfg.split, lang[t.name])], str(info.file_format)), **common)
-               for t in tasks}
-    return MixtureStream(streams, rates, cfg.seed)
+    streams = {name: TaskStream(name, RecordSplit(cfg.data_dir, t["filenames"],
+                                                  t["shard_lengths"]), **common)
+               for name, t in plan["tasks"].items()}
+    return MixtureStream(streams, {name: t["rate"] for name, t in plan["tasks"].items()},
+                         cfg.seed)
 
   def _open(self):
     if self.legacy:

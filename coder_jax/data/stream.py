@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from typing import Sequence
 
 import numpy as np
 
@@ -35,15 +36,19 @@ _HEADER = 12          # TFRecord: uint64 length + uint32 masked crc, then data +
 UPSAMPLE_SLACK = 16   # tokens a document can have beyond its UTF-8 bytes (specials, a prefix)
 
 
-class RecordSplit:
-  """Random access to the examples of one TFDS split stored as TFRecord files."""
+def check_file_format(dataset_dir: str, file_format: str) -> None:
+  if "tfrecord" not in file_format.lower():
+    raise ValueError(f"data: {dataset_dir} stores {file_format} files; the seekable stream "
+                     "reads TFRecord (rebuild the corpus with `python -m coder_jax.data build`)")
 
-  def __init__(self, dataset_dir: str, split_info, file_format: str):
-    if "tfrecord" not in file_format.lower():
-      raise ValueError(f"data: {dataset_dir} stores {file_format} files; the seekable stream "
-                       "reads TFRecord (rebuild the corpus with `python -m coder_jax.data build`)")
-    self.files = [os.path.join(dataset_dir, f) for f in split_info.filenames]
-    self.starts = np.cumsum([0] + [int(n) for n in split_info.shard_lengths])
+
+class RecordSplit:
+  """Random access to the examples of one TFDS split stored as TFRecord files (its `filenames`
+  in DATASET_DIR, with `shard_lengths` records each); no TensorFlow needed."""
+
+  def __init__(self, dataset_dir: str, filenames: Sequence[str], shard_lengths: Sequence[int]):
+    self.files = [os.path.join(dataset_dir, f) for f in filenames]
+    self.starts = np.cumsum([0] + [int(n) for n in shard_lengths])
     self._offsets: dict[int, np.ndarray] = {}
 
   def __len__(self) -> int:
@@ -68,7 +73,6 @@ class RecordSplit:
     return self._offsets[f]
 
   def get(self, i: int) -> dict[str, bytes]:
-    import tensorflow as tf
     f = int(np.searchsorted(self.starts, i, side="right")) - 1
     at = int(self._index(f)[i - self.starts[f]])
     with open(self.files[f], "rb") as fh:
@@ -76,8 +80,60 @@ class RecordSplit:
       n = struct.unpack("<Q", fh.read(8))[0]
       fh.seek(at + _HEADER)
       data = fh.read(n)
-    ex = tf.train.Example.FromString(data)
-    return {k: v.bytes_list.value[0] for k, v in ex.features.feature.items()}
+    return example_bytes(data)
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    b = buf[i]
+    i += 1
+    value |= (b & 0x7F) << shift
+    if b < 0x80:
+      return value, i
+    shift += 7
+
+
+def _fields(buf: bytes):
+  """(field number, wire type, value) of each field of a serialized protobuf message; the value
+  of a length-delimited field is its bytes."""
+  i, n = 0, len(buf)
+  while i < n:
+    key, i = _varint(buf, i)
+    wire = key & 7
+    if wire == 0:
+      value, i = _varint(buf, i)
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+      value, i = buf[i:i + size], i + size
+    elif wire == 2:
+      size, i = _varint(buf, i)
+      value, i = buf[i:i + size], i + size
+    else:
+      raise ValueError(f"data: a record is not a tf.train.Example (wire type {wire})")
+    yield key >> 3, wire, value
+
+
+def example_bytes(data: bytes) -> dict[str, bytes]:
+  """The first value of each bytes feature of a serialized tf.train.Example (Example.features
+  = 1; Features.feature = 1, a map entry of key = 1 and Feature = 2; Feature.bytes_list = 1;
+  BytesList.value = 1), read without TensorFlow."""
+  out = {}
+  for num, wire, features in _fields(data):
+    if num != 1 or wire != 2:
+      continue
+    for num2, wire2, entry in _fields(features):
+      if num2 != 1 or wire2 != 2:
+        continue
+      fields = {n: v for n, w, v in _fields(entry) if w == 2}
+      if 1 not in fields or 2 not in fields:
+        continue
+      for kind, wire3, values in _fields(fields[2]):
+        if kind == 1 and wire3 == 2:
+          first = next((v for n, w, v in _fields(values) if n == 1 and w == 2), None)
+          if first is not None:
+            out[fields[1].decode("utf-8")] = first
+  return out
 
 
 class TaskStream:

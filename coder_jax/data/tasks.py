@@ -1,9 +1,12 @@
 """SeqIO tasks (one per language) and the code mixture over a built corpus.
 
 Preprocessors, in order: FIM + tokenize (per document, `fim.py`), EOS, optional long-document
-upsampling, split into pieces of at most the sequence length (so packing drops no token); then
-`seqio.DecoderFeatureConverter(pack=True)` packs pieces into rows with segment ids and positions.
-TensorFlow and SeqIO are imported here only, never by the model.
+upsampling, split into pieces of at most the sequence length (so packing drops no token). The
+registered mixture tells the data pipeline which languages a split has and their mixing rates
+(`cached_token_rates`); training reads the pieces through the seekable stream (`stream.py`),
+which applies the same steps document by document, and packs them itself (`pipeline.pack`,
+next-fit in numpy). The tf.data stream of these tasks serves the replay of checkpoints from
+before seekable data. TensorFlow and SeqIO are imported here only, never by the model.
 """
 
 from __future__ import annotations
@@ -150,31 +153,15 @@ def cached_token_rates(data_dir, stats, vocab, langs, tokenizer_path: str,
   ($XDG_CACHE_HOME or ~/.cache, then coder_jax/token_rates/; reading a DATA_DIR never writes
   into it): estimating them tokenizes 64 documents per language, the largest part of a start or
   resume. JSON keeps floats exactly, so a cached value equals a fresh one."""
-  import hashlib
+  from coder_jax.data import usercache
   tok = os.path.abspath(tokenizer_path)
   tok = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
-  key = hashlib.sha256()
-  for part in (os.path.abspath(data_dir), split, ",".join(langs)):
-    key.update(part.encode() + b"\0")
-  for path in (tok, os.path.join(data_dir, STATS_NAME)):
-    with open(path, "rb") as fh:
-      key.update(hashlib.sha256(fh.read()).digest())
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  path = os.path.join(root, "coder_jax", "token_rates", key.hexdigest()[:32] + ".json")
-  try:
-    with open(path) as fh:
-      return json.load(fh)
-  except (OSError, ValueError):
-    pass
-  rates = token_rates(data_dir, stats, vocab, langs, split=split)
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-      json.dump(rates, fh)
-    os.replace(tmp, path)
-  except OSError:
-    pass   # nowhere to keep it: estimate again next time
+  path = usercache.entry_path("token_rates", (os.path.abspath(data_dir), split, ",".join(langs)),
+                              (tok, os.path.join(data_dir, STATS_NAME)))
+  rates = usercache.read(path)
+  if rates is None:
+    rates = token_rates(data_dir, stats, vocab, langs, split=split)
+    usercache.write(path, rates)
   return rates
 
 

@@ -172,6 +172,32 @@ def _load_with_digest(path: str, text_mode: bool = False) -> tuple[tokenizers.To
   return _cached_load(path, st.st_mtime_ns, st.st_size, text_mode)
 
 
+def encode_text(tok: tokenizers.Tokenizer, s: str) -> list[int]:
+  """Ids of document text, no special tokens added; in pieces, since one encoding of a whole
+  multi-megabyte text would take gigabytes (cuts.py)."""
+  if len(s) <= ENCODE_CHUNK_CHARS:
+    return tok.encode(s, add_special_tokens=False).ids
+  ids: list[int] = []
+  for piece in chunks(s, ENCODE_CHUNK_CHARS):
+    ids += tok.encode(piece, add_special_tokens=False).ids
+  return ids
+
+
+class TextEncoder:
+  """A tokenizer.json as the seekable data stream uses it, without TensorFlow: `encode` and the
+  special ids exactly as the SeqIO vocabulary below gives them (document text never yields a
+  control id)."""
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(resolve_path(path))
+    self.tokenizer, _ = _load_with_digest(self.path, text_mode=True)
+    ids = [self.tokenizer.token_to_id(t) for t in (BOS, EOS, FIM_BEGIN, FIM_HOLE, FIM_END)]
+    self.bos_id, self.eos_id, self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids
+
+  def encode(self, s: str) -> list[int]:
+    return encode_text(self.tokenizer, s)
+
+
 # --- SeqIO vocabulary (class built lazily so this module does not import TF).
 
 _VOCAB_CLASS: type | None = None
@@ -263,14 +289,7 @@ def _vocabulary_class() -> type:
       return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _encode(self, s: str) -> list[int]:
-      # In pieces: one encoding of a whole multi-megabyte text would take gigabytes (cuts.py).
-      tok = self.tokenizer
-      if len(s) <= ENCODE_CHUNK_CHARS:
-        return tok.encode(s, add_special_tokens=False).ids
-      ids: list[int] = []
-      for piece in chunks(s, ENCODE_CHUNK_CHARS):
-        ids += tok.encode(piece, add_special_tokens=False).ids
-      return ids
+      return encode_text(self.tokenizer, s)
 
     def _clean(self, ids: Sequence[int]) -> list[int]:
       """Validates ids, cuts after the first EOS and drops pad control ids."""
@@ -451,20 +470,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   texts = list(iter_text_files(args.source, args.max_docs))
   if not texts:
     parser.error(f"no readable UTF-8 text files under {args.source}")
+  from coder_jax.cli import exit_status
+  return exit_status(lambda _: _train_and_report(texts, args))
+
+
+def _train_and_report(texts: list[str], args) -> None:
+  from coder_jax.cli import USER_ERRORS
   try:
     tok = train_tokenizer(texts, args.vocab_size, args.out, args.min_frequency,
                           split_digits=not args.no_split_digits)
-  except (ValueError, OSError) as e:
-    parser.error(str(e))
+  except USER_ERRORS:
+    raise
   except Exception as e:  # the Rust side reports a failed save as a bare Exception
-    parser.error(f"--out: {args.out}: {e}")
+    raise OSError(f"--out: {args.out}: {e}") from None
   ids = {t: tok.token_to_id(t) for t in TRAINED_SPECIAL_TOKENS}
   print(f"trained on {len(texts)} files ({sum(map(len, texts))} chars) -> {args.out}")
   print(f"vocab size: {tok.get_vocab_size(with_added_tokens=True)}")
   print("special token ids: " + ", ".join(f"{t}={i}" for t, i in ids.items()))
   print(f"compression: {chars_per_token(tok, texts):.3f} chars/token on the training sample")
-  return 0
 
 
 if __name__ == "__main__":
+  from coder_jax.cli import quiet_native_logs
+  quiet_native_logs()
   sys.exit(main())

@@ -71,4 +71,5 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(run())
+  from coder_jax.cli import command
+  sys.exit(command(main))

@@ -7,10 +7,8 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
+from coder_jax.data.tokenizer import BOS, EOS
 from coder_jax.decode.generate import generate_ids
-
-BOS_TOKEN = "<｜begin▁of▁sentence｜>"
-EOS_TOKEN = "<｜end▁of▁sentence｜>"
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -47,7 +45,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str], *, max_new_tokens: 
   """
   single = isinstance(prompts, str)
   prompts = [prompts] if single else list(prompts)
-  bos = _special_id(tokenizer, BOS_TOKEN) if add_bos else None
+  bos = _special_id(tokenizer, BOS) if add_bos else None
   ids = [([bos] if bos is not None else []) + _encode(tokenizer, p) for p in prompts]
   stop_ids = [_encode(tokenizer, s) for s in stop if s]
   step = batch_size or max(len(ids), 1)
@@ -57,7 +55,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str], *, max_new_tokens: 
     if len(chunk) < step and start:   # keep one compiled shape for every chunk
       chunk = chunk + [chunk[0]] * (step - len(chunk))
     out = generate_ids(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, eos_id=_special_id(tokenizer, EOS_TOKEN),
+                       top_k=top_k, top_p=top_p, eos_id=_special_id(tokenizer, EOS),
                        stop_ids=stop_ids, seed=seed + start, attention_impl=attention_impl,
                        mesh=mesh)
     texts += [cut_at_stop(tokenizer.decode(t), stop) for t in out.tokens]

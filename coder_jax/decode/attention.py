@@ -19,8 +19,9 @@ from coder_jax.parallel.rules import per_shard
 
 def _reference(q_latent, q_rope, latent, rope, lengths, sm_scale):
   from pallas_kernels.decode_attention.reference import reference_latent_decode_attention
+  # decode/cache.py's caches start zeroed and hold only computed entries (finite).
   return reference_latent_decode_attention(q_latent, q_rope, latent, rope, lengths,
-                                           sm_scale=sm_scale)
+                                           sm_scale=sm_scale, finite_cache=True)
 
 
 def _kernel(q_latent, q_rope, latent, rope, lengths, sm_scale, *, backend):

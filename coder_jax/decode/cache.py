@@ -16,20 +16,27 @@ from coder_jax.parallel.rules import constrain
 
 
 class LatentCache(NamedTuple):
-  latent: tuple    # per run: [layers, B, S, kv_lora_rank]
-  rope: tuple      # per run: [layers, B, S, qk_rope_head_dim]
+  """One buffer per layer (not a stack of layers), so that a decode step writes each layer's
+  new entry in place and attention reads the layer's buffer without slicing it out first."""
+  latent: tuple    # per layer: [B, S, kv_lora_rank]
+  rope: tuple      # per layer: [B, S, qk_rope_head_dim]
 
   @property
   def max_length(self) -> int:
-    return self.latent[0].shape[2]
+    return self.latent[0].shape[1]
 
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
 
+  def layer_pairs(self) -> list:
+    """[(latent, rope)] per layer."""
+    return list(zip(self.latent, self.rope))
+
 
 def values_per_token(cfg: ModelConfig) -> int:
   """Cached values per token per layer: kv_lora_rank + qk_rope_head_dim."""
-  return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  from coder_jax.model.info import latent_values_per_token
+  return latent_values_per_token(cfg)
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
@@ -39,7 +46,7 @@ def cache_bytes_per_token(cfg: ModelConfig, dtype) -> int:
 
 def _pin(a):
   # Rows follow the batch sharding of the activations; the cached dims stay whole.
-  return constrain(a, ("layers", "batch", "activation_length", "norm"))
+  return constrain(a, ("batch", "activation_length", "norm"))
 
 
 def pin(cache: LatentCache) -> LatentCache:
@@ -50,18 +57,14 @@ def pin(cache: LatentCache) -> LatentCache:
 def from_prefill(entries, max_length: int, dtype) -> LatentCache:
   """A cache of `max_length` positions holding the prefill's entries at [0, T)."""
   latent, rope = [], []
-  for lat, rk in entries:   # per run: [L, B, T, R], [L, B, T, K]
-    pad = ((0, 0), (0, 0), (0, max_length - lat.shape[2]), (0, 0))
-    latent.append(_pin(jnp.pad(lat.astype(dtype), pad)))
-    rope.append(_pin(jnp.pad(rk.astype(dtype), pad)))
+  for lat, rk in entries:   # per run of layers: [L, B, T, R], [L, B, T, K]
+    pad = ((0, 0), (0, max_length - lat.shape[2]), (0, 0))
+    for i in range(lat.shape[0]):
+      latent.append(_pin(jnp.pad(lat[i].astype(dtype), pad)))
+      rope.append(_pin(jnp.pad(rk[i].astype(dtype), pad)))
   return LatentCache(tuple(latent), tuple(rope))
 
 
-def write(cache: LatentCache, new_entries, positions_B) -> LatentCache:
-  """Stores each run's new token entries ([L, B, R], [L, B, K]) at the rows' positions."""
-  rows = jnp.arange(positions_B.shape[0])
-  latent = tuple(_pin(c.at[:, rows, positions_B].set(n.astype(c.dtype)))
-                 for c, (n, _) in zip(cache.latent, new_entries))
-  rope = tuple(_pin(c.at[:, rows, positions_B].set(n.astype(c.dtype)))
-               for c, (_, n) in zip(cache.rope, new_entries))
-  return LatentCache(latent, rope)
+def from_layers(pairs) -> LatentCache:
+  """The cache from [(latent, rope)] per layer (what a decode step returns)."""
+  return pin(LatentCache(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)))

@@ -21,6 +21,7 @@ from flax import nnx
 from coder_jax.decode import cache as cache_lib
 from coder_jax.decode.attention import get_decode_attention
 from coder_jax.decode.sampling import chosen_logprob, sample
+from coder_jax.model.kernels import target_platform
 from coder_jax.model.rope import rope_tables
 
 FINISH = ("length", "eos", "stop")
@@ -57,16 +58,29 @@ def _stop_table(stop_ids: Sequence[Sequence[int]]):
   return jnp.asarray(table), jnp.asarray(live)
 
 
-def _decode_step(model, cache, tokens_B, positions_B, attend):
-  """Logits [B, V] for one new token per row, and the cache with its entries written."""
+def _decode_step(model, cache, tokens_B, positions_B, attend, layers=None):
+  """Logits [B, V] for one new token per row, and the cache with its entries written.
+  layers: per run of layers, its `unstacked()` layers (default: sliced from the stacks)."""
   x = model.embed(jnp.maximum(tokens_B, 0)[:, None])
   cos, sin = rope_tables(model.cfg, positions_B[:, None])
-  entries = []
+  pairs, new = cache.layer_pairs(), []
   for r, stack in enumerate(model.stacks):
-    x, new = stack.decode(x, cos, sin, cache.latent[r], cache.rope[r], positions_B, attend)
-    entries.append(new)
+    mine, pairs = pairs[:stack.n], pairs[stack.n:]
+    x, written = stack.decode(x, cos, sin, mine, positions_B, attend,
+                              None if layers is None else layers[r])
+    new += written
   logits = model.logits(model.norm(x))[:, 0]
-  return logits, cache_lib.write(cache, entries, positions_B)
+  return logits, cache_lib.from_layers(new)
+
+
+def decode_layers(model):
+  """The layers a decode loop should use, taken once before it: on XLA:CPU each layer's weights
+  copied out of the stacks (a dot there copies a slice of a stacked weight before reading it,
+  which at every token would cost more than the step's math); elsewhere None (compilers for
+  GPU and TPU read a layer's slice of the stack in place)."""
+  if target_platform() != "cpu":
+    return None
+  return [stack.unstacked() for stack in model.stacks]
 
 
 def prefill(model, prompt_BT, lengths_B, max_length: int):
@@ -91,7 +105,8 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
   logits, cache = prefill(model, prompt_BT[::group], lengths_B[::group], t + max_new_tokens)
   if group > 1:
     logits = jnp.repeat(logits, group, axis=0)
-    cache = cache_lib.pin(jax.tree.map(lambda a: jnp.repeat(a, group, axis=1), cache))
+    cache = cache_lib.pin(jax.tree.map(lambda a: jnp.repeat(a, group, axis=0), cache))
+  layers = decode_layers(model)
   window = jnp.full((b, stop_table.shape[1]), -2, jnp.int32)
   carry = dict(i=jnp.int32(0), cache=cache, logits=logits, done=jnp.zeros((b,), bool),
                reason=jnp.zeros((b,), jnp.int32), window=window,
@@ -113,13 +128,21 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
     hit_eos = tok == eos_id
     live = ~c["done"]
     reason = jnp.where(live & hit_eos, 1, jnp.where(live & hit_stop, 2, c["reason"]))
-    logits, cache = _decode_step(model, c["cache"], tok, lengths_B + i, attend_fn)
+    logits, cache = _decode_step(model, c["cache"], tok, lengths_B + i, attend_fn, layers)
     return dict(i=i + 1, cache=cache, logits=logits, done=c["done"] | hit_eos | hit_stop,
                 reason=reason, window=window, out=c["out"].at[:, i].set(tok),
                 logp=c["logp"].at[:, i].set(logp))
 
   final = jax.lax.while_loop(cond, body, carry)
   return final["out"], final["reason"], final["logp"]
+
+
+def sampler_rows(n: int, group_size: int, split: int) -> tuple[int, int]:
+  """(rows, prefill group) for n prompts in runs of group_size, over `split` devices sharing
+  the rows: rows padded to whole runs on whole shards; the runs prefilled once each when they
+  too divide over the devices, else every row prefilled (group 1: the same samples)."""
+  rows = -(-n // math.lcm(split, group_size)) * math.lcm(split, group_size)
+  return rows, group_size if (rows // group_size) % split == 0 else 1
 
 
 def _check_settings(max_new_tokens, temperature, top_k, top_p):
@@ -165,11 +188,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
       prompts[i] != prompts[i - i % group_size] for i in range(n)):
     raise ValueError(f"group_size {group_size!r}: the {n} prompts must come in runs of "
                      f"group_size identical prompts")
-  rows = n
-  if mesh is not None:
-    split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape]))
-    step = split * group_size // math.gcd(split, group_size)   # whole runs, whole shards
-    rows = -(-n // step) * step
+  split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")
+                                              if a in mesh.shape]))
+  rows, group = sampler_rows(n, group_size, split)
   longest = max(map(len, prompts))
   if prompt_slot is not None and prompt_slot < longest:
     raise ValueError(f"prompt_slot {prompt_slot} is shorter than the longest prompt ({longest})")
@@ -187,10 +208,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
   if mesh is not None:
     with jax.set_mesh(mesh):
       out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens,
-                                    attend=attention_impl, group=group_size)
+                                    attend=attention_impl, group=group)
   else:
     out, reason, logp = _generate(*args, max_new_tokens=max_new_tokens, attend=attention_impl,
-                                  group=group_size)
+                                  group=group)
   out, reason, logp = np.asarray(out)[:n], np.asarray(reason)[:n], np.asarray(logp)[:n]
   tokens, logprobs, eos_logprob = [], [], []
   for row, r, lp in zip(out, reason, logp):

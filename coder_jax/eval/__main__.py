@@ -189,7 +189,6 @@ COMMANDS = {"humaneval": cmd_humaneval, "perplexity": cmd_perplexity, "niah": cm
 
 
 def main(argv=None) -> dict:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the data pipeline imports TensorFlow
   args = parse_flags(sys.argv[1:] if argv is None else argv)
   return COMMANDS[args.cmd](args)
 
@@ -201,4 +200,5 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(run())
+  from coder_jax.cli import command
+  sys.exit(command(main))

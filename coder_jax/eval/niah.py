@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from coder_jax.files import write_atomic
+
 QUESTION = "\nWhat is the secret number? The secret number is"
 
 
@@ -164,10 +166,10 @@ def run_niah(model, tok, lengths, depths, *, max_new_tokens: int = 8, seed: int 
   'mean_score', 'cells': [per cell: length, depth, needle_depth, needle_position, number,
   answer, score]}."""
   from coder_jax import decode
-  from coder_jax.decode.api import BOS_TOKEN, EOS_TOKEN
+  from coder_jax.data.tokenizer import BOS, EOS
   check_lengths(lengths, model.cfg.max_position_embeddings)
   hay = Haystack(tok, haystack)
-  bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
+  bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
   cells, scores = [], []
   for length in lengths:
     built = []
@@ -280,9 +282,7 @@ def write_outputs(result: dict, out_dir: str) -> tuple[str, str]:
   paths = os.path.join(out_dir, "niah.json"), os.path.join(out_dir, "niah.png")
   image = png_bytes(heatmap(result["scores"], result["lengths"], result["depths"]))
   for path, data in zip(paths, (json.dumps(result, indent=1).encode(), image)):
-    with open(path + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, data)
   return paths
 
 

@@ -21,6 +21,7 @@ import sys
 import jax.numpy as jnp
 
 from coder_jax import hf
+from coder_jax.cli import command, exit_status
 from coder_jax.data.tokenizer import load_tokenizer
 from coder_jax.hf.tokenizer_files import TOKENIZER_FILES, TOKENIZER_JSON
 from coder_jax.model.checkpoint import load_model, save_model
@@ -100,15 +101,15 @@ def _export(args) -> None:
   print(f"saved {out}" + ("" if tokenizer is None else f" (tokenizer: {tokenizer})"))
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> None:
   args = _parser().parse_args(argv)
-  try:
-    _import(args) if args.cmd == "import" else _export(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  _import(args) if args.cmd == "import" else _export(args)
+
+
+def main(argv=None) -> int:
+  """0, or 2 after one `error:` line for an error a user can fix (coder_jax/cli.py)."""
+  return exit_status(_main, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(command(_main))

@@ -18,12 +18,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from coder_jax.hf import build_model, read_config_json, tensor_files, write_export
+from coder_jax.hf.read import build_model, read_config_json, tensor_files
 from coder_jax.hf.config import config_from_hf, config_to_hf
 from coder_jax.hf.errors import CheckpointError
 from coder_jax.hf.names import TensorSpec, tensor_specs
 from coder_jax.hf.target import check_target
 from coder_jax.hf.tokenizer_files import export_files
+from coder_jax.hf.write import write_export
 from coder_jax.model.config import ModelConfig
 from coder_jax.model.reward import RewardModel
 

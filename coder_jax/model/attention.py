@@ -126,7 +126,9 @@ class MLAttention(nnx.Module):
     the latent space and the output comes back through the value half of kv_b_proj, so the
     cache holds only the latent and the rope key. `attend(q_latent [B, H, R], q_rope [B, H, K],
     latent [B, S, R], rope [B, S, K], lengths [B], sm_scale) -> [B, H, R]`.
-    Returns (output [B, 1, D], the new token's (latent [B, R], rope key [B, K])).
+    Returns (output [B, 1, D], the caches with the new token's entries written at
+    `positions_B`): written in place when the caches are buffers the caller gives up (a
+    loop carry, donated arguments), so a step copies nothing of the cache.
     """
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     if context_size() > 1:
@@ -144,4 +146,4 @@ class MLAttention(nnx.Module):
                       cfg.softmax_scale())
     out = jnp.einsum("bhr,rhv->bhv", o_latent.astype(dt), w[..., n:])
     out = jnp.einsum("bhv,hvd->bd", out, self.o_proj[...].astype(dt))
-    return out[:, None], (latent, k_rope)
+    return out[:, None], (cache_latent_BSR, cache_rope_BSK)

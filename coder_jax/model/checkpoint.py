@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from coder_jax.files import new_directory
 from coder_jax.model.config import config_from_dict, config_to_dict
-from coder_jax.model.decoder import DeepseekV2
+from coder_jax.model.decoder import DeepseekV2, abstract_model
 
 CONFIG_NAME = "model_config.json"
 PARAMS_NAME = "params"
@@ -23,19 +22,12 @@ def save_model(model: DeepseekV2, directory: str) -> str:
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f"{directory}: exists")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-  try:
+  with new_directory(directory) as tmp:
     with ocp.StandardCheckpointer() as ckpt:
       ckpt.save(os.path.join(tmp, PARAMS_NAME), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
       ckpt.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
       json.dump(config_to_dict(model.cfg), fh, indent=2)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return directory
 
 
@@ -47,8 +39,7 @@ def load_model(directory: str, **runtime) -> DeepseekV2:
     raise FileNotFoundError(f"{cfg_path}: missing; is {directory} a coder_jax model checkpoint?")
   with open(cfg_path) as fh:
     cfg = config_from_dict(json.load(fh), **runtime)
-  abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = abstract_model(cfg)
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                         nnx.to_pure_dict(state))
   with ocp.StandardCheckpointer() as ckpt:

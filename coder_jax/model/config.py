@@ -14,6 +14,7 @@ from typing import Any
 import gin
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
+CAPACITY_RULES = ("device", "pair")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 
 
@@ -72,9 +73,15 @@ class ModelConfig:
   # and communication balance losses are computed over the same groups.
   routing_devices: int = 1
   routing_device_limit: int | None = None
-  # Token dropping while training: each device sends at most ceil(capacity_factor * copies / D)
-  # token copies to each expert-parallel device, dropping the lowest-affinity ones (None: dropless).
+  # Token dropping while training (None: dropless). capacity_rule "device" (DeepSeek-V2): each
+  # expert-parallel device computes at most ceil(capacity_factor x average load) copies, dropping
+  # its lowest-affinity ones; "pair": each device sends at most ceil(capacity_factor x copies / D)
+  # to each device (fixed buffers, no exchange of affinities, drops more under uneven routing).
+  # Copies of a capacity_guard_fraction of the rows (about that share of the sequences) are
+  # never dropped (parallel/expert.py says which rows).
   capacity_factor: float | None = None
+  capacity_rule: str = "device"
+  capacity_guard_fraction: float = 0.1
   # -- runtime: how the same function is computed
   dtype: str = "float32"          # activations / matmul inputs
   param_dtype: str = "float32"    # stored weights (the router is always float32)
@@ -82,6 +89,9 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: str = "auto"   # see coder_jax/model/kernels.py
   moe_impl: str = "auto"
+  # Expert-parallel buffers per round: this many times the balanced load (parallel/dispatch.py);
+  # copies beyond it go in further rounds, never dropped. None: room for the worst case, one round.
+  dispatch_headroom: float | None = 2.0
 
   def __post_init__(self):
     validate(self)
@@ -124,6 +134,10 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def _need(cond: bool, field: str, msg: str):
   if not cond:
     raise ConfigError(f"{field}: {msg}")
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def validate(c: ModelConfig) -> None:
@@ -187,8 +201,16 @@ def validate(c: ModelConfig) -> None:
         _need(c.num_experts_per_tok <= left, "routing_device_limit",
               f"{c.num_experts_per_tok} experts cannot be chosen when topk_group={tg} of "
               f"n_group={g} and {m} of routing_devices={d} leave only {left} in the worst case")
-  _need(c.capacity_factor is None or c.capacity_factor > 0, "capacity_factor",
-        f"must be null (dropless) or > 0, got {c.capacity_factor!r}")
+  _need(c.capacity_factor is None or (_number(c.capacity_factor) and c.capacity_factor > 0),
+        "capacity_factor", f"must be null (dropless) or > 0, got {c.capacity_factor!r}")
+  _need(c.capacity_rule in CAPACITY_RULES, "capacity_rule",
+        f"{c.capacity_rule!r} is not one of {CAPACITY_RULES}")
+  _need(_number(c.capacity_guard_fraction) and 0 <= c.capacity_guard_fraction <= 1,
+        "capacity_guard_fraction", f"must be in [0, 1], got {c.capacity_guard_fraction!r}")
+  _need(c.dispatch_headroom is None or (_number(c.dispatch_headroom)
+                                        and c.dispatch_headroom >= 1),
+        "dispatch_headroom", f"must be null (worst-case buffers) or >= 1 (times the balanced "
+        f"load), got {c.dispatch_headroom!r}")
   y = c.rope_scaling
   if y is not None:
     _need(isinstance(y, YarnConfig), "rope_scaling", f"must be a YarnConfig or null, got {y!r}")
@@ -247,8 +269,8 @@ def get_config(preset: str = "tiny", **overrides) -> ModelConfig:
 # Fields that choose how the same function is computed, or only how fresh weights are drawn: a
 # run may resume with other values. Any other difference changes what is trained.
 NON_COMPUTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                          "moe_impl", "initializer_range", "bos_token_id", "eos_token_id",
-                          "aux_loss_alpha", "seq_aux")
+                          "moe_impl", "dispatch_headroom", "initializer_range", "bos_token_id",
+                          "eos_token_id", "aux_loss_alpha", "seq_aux")
 
 
 def computation_diff(stored: ModelConfig, current: ModelConfig) -> list[str]:

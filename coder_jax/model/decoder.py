@@ -57,12 +57,12 @@ class DecoderLayer(nnx.Module):
 
   def decode(self, x_B1D, cos, sin, cache_latent, cache_rope, positions_B, attend):
     """One token per row through this layer with the latent cache (see MLAttention.decode)."""
-    a, new_entry = self.self_attn.decode(self.input_layernorm(x_B1D), cos, sin, cache_latent,
-                                         cache_rope, positions_B, attend)
+    a, caches = self.self_attn.decode(self.input_layernorm(x_B1D), cos, sin, cache_latent,
+                                      cache_rope, positions_B, attend)
     x = x_B1D + a
     h = self.post_attention_layernorm(x)
     y = self.mlp(h)[0] if self.kind == "moe" else self.mlp(h)
-    return constrain(x + y, ("batch", "activation_length", "activation_embed")), new_entry
+    return constrain(x + y, ("batch", "activation_length", "activation_embed")), caches
 
 
 def router_stats(r, segment_ids_BT, num_devices: int = 1):
@@ -70,7 +70,7 @@ def router_stats(r, segment_ids_BT, num_devices: int = 1):
 
   score_sum[b, e] = sum_t s_{t,e}; count[b, e] = #tokens t routed to e; tokens[b] = #valid t;
   device_count[b, i] = #tokens t with at least one expert in device group i (of num_devices
-  contiguous groups).
+  contiguous groups); dropped[b] = #copies of valid tokens dropped at capacity.
   """
   b, t = segment_ids_BT.shape
   valid = (segment_ids_BT > 0).astype(jnp.float32)
@@ -78,10 +78,13 @@ def router_stats(r, segment_ids_BT, num_devices: int = 1):
   scores = r.scores_NE.reshape(b, t, e)
   chosen = jax.nn.one_hot(r.experts_NK.reshape(b, t, -1), e, dtype=jnp.float32).sum(axis=2)
   on_device = chosen.reshape(b, t, num_devices, e // num_devices).max(axis=-1)
+  kept = (jnp.ones(r.experts_NK.shape, jnp.float32) if r.kept_NK is None
+          else r.kept_NK.astype(jnp.float32))
+  dropped = jnp.einsum("btk,bt->b", 1.0 - kept.reshape(b, t, -1), valid)
   return dict(score_sum=jnp.einsum("bte,bt->be", scores, valid),
               count=jnp.einsum("bte,bt->be", chosen, valid),
               device_count=jnp.einsum("bti,bt->bi", on_device, valid),
-              tokens=valid.sum(axis=1))
+              tokens=valid.sum(axis=1), dropped=dropped)
 
 
 class LayerStack(nnx.Module):
@@ -112,9 +115,7 @@ class LayerStack(nnx.Module):
     return self._layers(body, x, state)
 
   def _layers(self, body, x, xs):
-    """scan(body, x, xs) over the layers: a `lax.scan` when cfg.scan_layers, else unrolled
-    (each layer reads its weights in place; a scan inside the sampling loop slices every
-    layer's weights out of the stack again for each token)."""
+    """scan(body, x, xs) over the layers: a `lax.scan` when cfg.scan_layers, else unrolled."""
     if self.cfg.scan_layers:
       return jax.lax.scan(body, x, xs)
     ys = []
@@ -123,15 +124,22 @@ class LayerStack(nnx.Module):
       ys.append(y)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys[0] is not None else None
 
-  def decode(self, x_B1D, cos, sin, cache_latent_LBSR, cache_rope_LBSK, positions_B, attend):
-    """One token per row through the run; returns (x, the new entries [L, B, R], [L, B, K])."""
+  def unstacked(self) -> list:
+    """The run's layers as separate modules, each holding its own copy of its weights."""
     graphdef, state = nnx.split(self.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(self.n)]
 
-    def body(h, xs):
-      layer_state, cl, cr = xs
-      return nnx.merge(graphdef, layer_state).decode(h, cos, sin, cl, cr, positions_B, attend)
-
-    return self._layers(body, x_B1D, (state, cache_latent_LBSR, cache_rope_LBSK))
+  def decode(self, x_B1D, cos, sin, caches, positions_B, attend, layers=None):
+    """One token per row through the run. caches: per layer (latent [B, S, R], rope [B, S, K]);
+    returns (x, the caches with the token's entries written). The layers are unrolled: a scan
+    inside the sampling loop would copy every layer's weights out of the stack for each token
+    (the decode step is small, so compile time grows little with depth). layers: the run's
+    layers from `unstacked()` (default: sliced from the stack here)."""
+    out = []
+    for layer, (latent, rope) in zip(layers or self.unstacked(), caches):
+      x_B1D, c = layer.decode(x_B1D, cos, sin, latent, rope, positions_B, attend)
+      out.append(c)
+    return x_B1D, out
 
 
 def segment_positions(segment_ids_BT):
@@ -225,3 +233,9 @@ class DeepseekV2(nnx.Module):
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV2:
   return DeepseekV2(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig, model_cls=DeepseekV2):
+  """(graphdef, nnx state of shapes and dtypes) of model_cls(cfg, rngs=...) (the causal LM, or
+  e.g. the reward model), without allocating a weight."""
+  return nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))

@@ -17,13 +17,12 @@ import numpy as np
 from flax import nnx
 
 from coder_jax.model.config import PRESETS, ModelConfig, get_config
-from coder_jax.model.decoder import DeepseekV2
+from coder_jax.model.decoder import abstract_model
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-  abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)))
   total = routed = 0
-  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+  for path, var in nnx.to_flat_state(abstract_model(cfg)[1].filter(nnx.Param)):
     n = math.prod(var.get_value().shape)
     total += n
     if path[-1].startswith("experts_"):
@@ -36,9 +35,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
           "routed_experts": routed}
 
 
+def latent_values_per_token(cfg: ModelConfig) -> int:
+  """Values MLA caches per token and layer: the normed latent plus the shared rope key (576 for
+  the released models), instead of per-head keys and values."""
+  return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
-  """MLA caches the normed latent plus the shared rope key: (kv_lora + rope) values per layer."""
-  return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * bytes_per_value
+  return latent_values_per_token(cfg) * cfg.num_hidden_layers * bytes_per_value
 
 
 def _fmt(n: float) -> str:
@@ -50,7 +54,7 @@ def _fmt(n: float) -> str:
 
 def report(cfg: ModelConfig, name: str = "") -> str:
   c = param_counts(cfg)
-  per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  per_layer = latent_values_per_token(cfg)
   kv = kv_cache_bytes_per_token(cfg)
   mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 2
   lines = [

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from coder_jax.model.config import ModelConfig
@@ -25,6 +26,7 @@ class RouterOutput(NamedTuple):
   scores_NE: jnp.ndarray     # softmax over all routed experts, float32
   experts_NK: jnp.ndarray    # chosen expert ids, int32
   weights_NK: jnp.ndarray    # combine weights (after scaling / normalisation), float32
+  kept_NK: jnp.ndarray | None = None   # copies computed (False: dropped at capacity); MoE sets it
 
 
 def _keep_best_groups(scores_NE, num_groups: int, keep: int):
@@ -81,9 +83,11 @@ ragged_experts = sorted_experts  # lax.ragged_dot, the XLA grouped matmul
 def dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype):
   """Every expert on every token, combined with a dense [N, E] weight matrix. Small configs only."""
   e = w_gate_EDF.shape[0]
-  x = x_ND.astype(dtype)
-  g = jnp.einsum("nd,edf->enf", x, w_gate_EDF.astype(dtype))
-  u = jnp.einsum("nd,edf->enf", x, w_up_EDF.astype(dtype))
+  # The experts as a batch dimension of both operands: the weights are read in their stored
+  # layout (an "nd,edf" product makes XLA:CPU transpose every expert's weights each call).
+  x = jnp.broadcast_to(x_ND.astype(dtype), (e,) + x_ND.shape)
+  g = jnp.einsum("end,edf->enf", x, w_gate_EDF.astype(dtype))
+  u = jnp.einsum("end,edf->enf", x, w_up_EDF.astype(dtype))
   y = jnp.einsum("enf,efd->end", jax.nn.silu(g) * u, w_down_EFD.astype(dtype))
   combine = jnp.einsum("nk,nke->ne", weights_NK, jax.nn.one_hot(experts_NK, e, dtype=jnp.float32))
   return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(dtype)
@@ -99,15 +103,78 @@ def gathered_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
 
+def _swiglu_tile(x_RD, wg_DF, wu_DF, wd_FD):
+  g, u = x_RD @ wg_DF, x_RD @ wu_DF
+  return g, u, (jax.nn.silu(g) * u) @ wd_FD
+
+
+@jax.custom_vjp
+def _tile_swiglu(x_TRD, expert_T, used, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """y[t] = SwiGLU of tile x[t] with expert expert_T[t]'s weights, one `lax.scan` step per tile;
+  tiles from `used` on are empty (zeros out, no work). The gradient is written by hand: JAX's
+  own transpose of the scan stacks one weight-sized cotangent per tile ([tiles, D, F], then
+  summed per expert); this one adds each tile's into its expert's slot of a float32 carry."""
+  return _tile_swiglu_fwd(x_TRD, expert_T, used, w_gate_EDF, w_up_EDF, w_down_EFD)[0]
+
+
+def _tile_swiglu_fwd(x_TRD, expert_T, used, wg, wu, wd):
+  t, r, _ = x_TRD.shape
+  f = wg.shape[-1]
+
+  def body(_, inp):
+    i, x, e = inp
+    return None, jax.lax.cond(
+        i < used, lambda: _swiglu_tile(x, wg[e], wu[e], wd[e]),
+        lambda: (jnp.zeros((r, f), x.dtype), jnp.zeros((r, f), x.dtype), jnp.zeros_like(x)))
+
+  _, (g, u, y) = jax.lax.scan(body, None, (jnp.arange(t), x_TRD, expert_T))
+  return y, (x_TRD, expert_T, used, g, u, wg, wu, wd)
+
+
+def _tile_swiglu_bwd(res, dy_TRD):
+  x_TRD, expert_T, used, g_TRF, u_TRF, wg, wu, wd = res
+  f32 = jnp.float32
+
+  def add(acc, e, v):
+    row = jax.lax.dynamic_index_in_dim(acc, e, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(acc, row + v.astype(f32), e, 0)
+
+  def tile(c, x, e, g, u, dy):
+    dwg, dwu, dwd = c
+    sig = jax.nn.sigmoid(g.astype(f32))
+    silu = g.astype(f32) * sig
+    dh = (dy @ wd[e].T).astype(f32)
+    dg = (dh * u.astype(f32) * sig * (1 + g.astype(f32) * (1 - sig))).astype(x.dtype)
+    du = (dh * silu).astype(x.dtype)
+    h = (silu * u.astype(f32)).astype(x.dtype)
+    c = (add(dwg, e, x.T @ dg), add(dwu, e, x.T @ du), add(dwd, e, h.T @ dy))
+    return c, dg @ wg[e].T + du @ wu[e].T
+
+  def body(c, inp):
+    i, x, e, g, u, dy = inp
+    return jax.lax.cond(i < used, lambda: tile(c, x, e, g, u, dy),
+                        lambda: (c, jnp.zeros_like(x)))
+
+  zeros = tuple(jnp.zeros(w.shape, f32) for w in (wg, wu, wd))
+  (dwg, dwu, dwd), dx = jax.lax.scan(
+      body, zeros, (jnp.arange(x_TRD.shape[0]), x_TRD, expert_T, g_TRF, u_TRF, dy_TRD))
+  none = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return (dx, none(expert_T), none(used), dwg.astype(wg.dtype), dwu.astype(wu.dtype),
+          dwd.astype(wd.dtype))
+
+
+_tile_swiglu.defvjp(_tile_swiglu_fwd, _tile_swiglu_bwd)
+
+
 def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype,
                   tile: int = 128):
   """Exact grouped SwiGLU without a dense lowering: token copies sorted by expert, each group
   padded to whole tiles of `tile` rows, then one `lax.scan` step per tile multiplies the tile by
-  its single expert's weights. Work is about N*k + E*tile rows (XLA:CPU lowers ragged_dot to a
-  dense product over all E experts, which this avoids). Few tokens (a decode step) take another
-  path, chosen from the static shapes: fewer copies than experts, the gathered experts (only the
-  routed experts' weights are read); else, when every expert on every token is fewer rows than
-  the tiled bound, the dense product."""
+  its single expert's weights (tiles past the last group's are skipped). Work is about N*k +
+  E*tile/2 rows (XLA:CPU lowers ragged_dot to a dense product over all E experts, which this
+  avoids). Few tokens (a decode step) take another path, chosen from the static shapes: fewer
+  copies than experts, the gathered experts (only the routed experts' weights are read); else,
+  when every expert on every token is fewer rows than the tiled bound, the dense product."""
   n, k = experts_NK.shape
   e, d, _ = w_gate_EDF.shape
   m = n * k
@@ -130,14 +197,8 @@ def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
   xpad = jnp.zeros((num_tiles * tile, d), dtype).at[dest].set(x_ND.astype(dtype)[order // k])
   tile_start = jnp.arange(num_tiles) * tile
   tile_expert = jnp.clip(jnp.searchsorted(pstarts + padded, tile_start, side="right"), 0, e - 1)
-
-  def body(_, inp):
-    x_t, ex = inp
-    g = x_t @ w_gate_EDF[ex].astype(dtype)
-    u = x_t @ w_up_EDF[ex].astype(dtype)
-    return None, (jax.nn.silu(g) * u) @ w_down_EFD[ex].astype(dtype)
-
-  _, y = jax.lax.scan(body, None, (xpad.reshape(num_tiles, tile, d), tile_expert))
+  y = _tile_swiglu(xpad.reshape(num_tiles, tile, d), tile_expert, jnp.sum(padded) // tile,
+                   w_gate_EDF.astype(dtype), w_up_EDF.astype(dtype), w_down_EFD.astype(dtype))
   y = y.reshape(num_tiles * tile, d)[dest]
   y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
@@ -167,16 +228,25 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT=None):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-    from coder_jax.parallel.expert import experts_forward, route_local
+    from coder_jax.parallel.expert import (dropping_enabled, experts_forward, guarded_rows,
+                                           route_local)
     # Kept [B, T, ...] (router fields too): flattening B x T would gather a context-split T.
     logits = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.gate[...])
     r = route_local(jax.vmap(lambda l: route(l, cfg)), logits)
     affinity = jnp.take_along_axis(r.scores_NE, r.experts_NK, axis=-1)
+    valid = segment_ids_BT[..., None] > 0 if segment_ids_BT is not None else True
     if segment_ids_BT is not None:  # padding copies are the first to go when over capacity
-      affinity = jnp.where(segment_ids_BT[..., None] > 0, affinity, -jnp.inf)
-    y = experts_forward(cfg, x_BTD, r.experts_NK, r.weights_NK, affinity,
-                        self.experts_gate_proj[...], self.experts_up_proj[...],
-                        self.experts_down_proj[...], impl=get_moe_impl(cfg.moe_impl), dtype=dt)
+      affinity = jnp.where(valid, affinity, -jnp.inf)
+    if (dropping_enabled() and cfg.capacity_factor is not None
+        and cfg.capacity_guard_fraction > 0):
+      # +inf affinity: never dropped (the guarded rows' tokens; see guarded_rows)
+      rows = jnp.asarray(guarded_rows(x_BTD.shape[0], cfg.capacity_guard_fraction))
+      affinity = jnp.where(rows[:, None, None] & valid, jnp.inf, affinity)
+    y, kept = experts_forward(cfg, x_BTD, r.experts_NK, r.weights_NK, affinity,
+                              self.experts_gate_proj[...], self.experts_up_proj[...],
+                              self.experts_down_proj[...], impl=get_moe_impl(cfg.moe_impl),
+                              dtype=dt, return_kept=True)
+    r = r._replace(kept_NK=kept)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x_BTD)
     return y, r

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from coder_jax.model.config import ModelConfig
-from coder_jax.model.decoder import DeepseekV2
+from coder_jax.model.decoder import DeepseekV2, abstract_model
 from coder_jax.model.layers import dtype_of, normal_param
 
 
@@ -70,8 +70,7 @@ def params_from_policy(policy_params: dict, cfg: ModelConfig, *, seed: int = 0,
   non-zero from the first step, and the backbone's from the second.
   """
   backbone = {k: v for k, v in policy_params.items() if k != "lm_head"}
-  abstract = nnx.eval_shape(lambda: RewardModel(cfg, rngs=nnx.Rngs(0)))
-  want = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))["model"]
+  want = nnx.to_pure_dict(abstract_model(cfg, RewardModel)[1].filter(nnx.Param))["model"]
   got_tree, want_tree = jax.tree.structure(backbone), jax.tree.structure(want)
   if got_tree != want_tree:
     raise ValueError(f"policy parameters do not match the reward model's backbone for this "

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # context sits inside fsdp and outside expert: its per-layer all-gather of the latent is smaller
@@ -70,10 +69,6 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
 
 def named_sharding(mesh: Mesh, axes, shape) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
-
-
-def single_device_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
 
 
 def context_size(mesh=None) -> int:

@@ -16,11 +16,11 @@ import ast
 import copy
 import json
 import keyword
-import os
 import sys
 import textwrap
 import zlib
 
+from coder_jax.files import write_atomic
 from coder_jax.problems.families import FAMILIES
 from coder_jax.problems.families.spec import Rng, Spec
 from coder_jax.problems.problem import default_path
@@ -135,10 +135,7 @@ def main(argv=None) -> int:
       return 1
     print(f"{args.out}: {'up to date' if same else 'differs from the generator'}")
     return 0 if same else 1
-  tmp = f"{args.out}.tmp{os.getpid()}"
-  with open(tmp, "wb") as fh:
-    fh.write(data)
-  os.replace(tmp, args.out)  # a reader never sees half a file
+  write_atomic(args.out, data)  # a reader never sees half a file
   print(f"wrote {len(records)} problems to {args.out}")
   return 0
 

@@ -19,6 +19,7 @@ import os
 from typing import Sequence
 
 from coder_jax.data.chat import ChatTemplate
+from coder_jax.files import write_atomic
 from coder_jax.reward.data import generation_prompt, reply_content
 
 EMPTY_BODY = "    pass\n"
@@ -85,13 +86,7 @@ def check_out(path: str, overwrite: bool):
 
 def write_jsonl(path: str, records: Sequence[dict]):
   """All records or nothing: written beside `path`, then renamed over it."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def build(policy: str, out: str, *, problems_path: str | None = None, split: str | None = "train",

@@ -1,5 +1,6 @@
-"""Model demo (the main job until the trainer lands): build or load a model, count its
-parameters, run a forward pass and check that packed rows equal their documents run alone."""
+"""Model demo (gin_configs/runs/demo.gin; training is gin_configs/runs/pretrain.gin and the
+stages beside it): build or load a model, count its parameters, run a forward pass and check
+that packed rows equal their documents run alone."""
 
 from __future__ import annotations
 

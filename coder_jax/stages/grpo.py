@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coder_jax.data.tokenizer import BOS, EOS
 from coder_jax.model.logprobs import token_logprobs
 from coder_jax.parallel.mesh import MeshConfig, check_fit, make_mesh
 from coder_jax.train import loop
@@ -141,8 +142,7 @@ class Rollouts:
     self.batches = start_batch
     self._cache = None          # (rollout index, batch, host metrics)
     self._metrics = {}
-    self.bos = tokenizer.token_to_id("<｜begin▁of▁sentence｜>")
-    self.eos = tokenizer.token_to_id("<｜end▁of▁sentence｜>")
+    self.bos, self.eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     self.order = np.random.default_rng(seed).permutation(len(problems))
 
   def state(self) -> dict:
@@ -275,6 +275,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
          seed: int = 0, init_from_hf: str | None = None, init_from_checkpoint: str | None = None,
          init_step: int | None = None, checkpoint_every: int = 50,
          keep_checkpoints: int | None = 3, async_checkpoints: bool = True, log_every: int = 1,
+         progress_every_s: float = 30.0,
          max_consecutive_nonfinite: int = 5, stop_after: int | None = None,
          dry_run: bool = False, dry_run_devices: int | None = None, aot=None):
   """GRPO from a policy (init_from_checkpoint: an SFT run's MODEL_DIR, or init_from_hf); one
@@ -315,7 +316,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size=prompts_per_step * group_size, seq_len=row_len(slot, max_new_tokens),
           flops_per_token=train_flops_per_token(cfg, seq_len), stage="grpo",
           decode=dict(rows=prompts_per_step * group_size, prompt_len=slot,
-                      max_new_tokens=max_new_tokens))
+                      max_new_tokens=max_new_tokens, group=group_size))
     return dry_run_report(cfg, mesh_config or MeshConfig(), optimizer,
                           num_devices=dry_run_devices or jax.device_count(),
                           batch_size=prompts_per_step * group_size, seq_len=seq_len,
@@ -371,6 +372,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       make_step=lambda gd: make_step(gd, optimizer, schedule, objective), params=init,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
       async_checkpoints=async_checkpoints, log_every=log_every,
+      progress_every_s=progress_every_s,
       max_consecutive_nonfinite=max_consecutive_nonfinite, stop_after=stop_after)
 
 

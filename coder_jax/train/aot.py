@@ -2,15 +2,21 @@
 
     python -m coder_jax.main --gin_file=... --compile_topology=v5p-16 [--compile_topology_num_slices=N]
         [--compile_save=FILE]
+    python -m coder_jax.main --gin_file=... --compile_topology=v5p-auto   # the smallest that fits
 
-libtpu (installed off the import path by scripts/setup.sh, see requirements-test.txt) describes
-the topology's devices without a TPU attached; the real train step is built on a mesh of them
+libtpu describes the topology's devices without a TPU attached (train/topology.py: the names,
+the chips' published figures, the mesh); the real train step is built on a mesh of them
 (the run's mesh_config), lowered with abstract sharded arguments and compiled by the TPU
 compiler on this machine. What comes back is the compiler's answer, per device: the bytes of
 the arguments (parameters + optimizer state, the batch), of the temporaries (activations and
 workspace) and of the outputs, against the chip's HBM, XLA's FLOPs and bytes per step, and a
 roofline bound on the step time and MFU from the chip's published peak FLOP/s and bandwidth.
 `--dry_run` stays the fast estimate of the state alone.
+
+`GEN-auto` searches the generation's slices from the smallest up: sizes the mesh or the batch
+cannot divide over, and sizes whose float32 parameters, Adam state and gradients (--dry_run's
+count) overflow a chip, are skipped without compiling; the others are compiled in turn until
+one fits (the compiler's answer, activations included).
 
 Kernels follow the target: under the topology's mesh `auto` picks the Mosaic kernels and
 compiles them (pallas_kernels.backends.target_platform), while `jax.default_backend()` stays
@@ -21,186 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import math
 import os
 import pickle
-import sys
 import time
-from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from coder_jax.model.decoder import DeepseekV2
-from coder_jax.parallel.mesh import MeshConfig, MeshError, check_fit, make_mesh
-from coder_jax.parallel.rules import MESH_AXES, logical_to_spec
+from coder_jax.parallel.mesh import MeshConfig, MeshError, abstract_mesh, check_fit
+from coder_jax.parallel.rules import logical_to_spec
 from coder_jax.train import state as train_state
-
-
-class TopologyError(ValueError):
-  """An unknown topology name, a mesh that does not fit it, or no libtpu to compile with."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  generation: str           # the prefix of the topology names: v5p-8, v6e-256
-  peak_flops: float         # dense bf16 FLOP/s per chip
-  hbm_bytes: float          # per chip
-  hbm_bandwidth: float      # bytes/s per chip
-  cores_per_name: int       # v4 / v5p names count TensorCores (2 a chip, one megacore device)
-  grid_rank: int            # 3D torus (v4, v5p) or 2D (v5e, v6e)
-  chip_config: str
-
-
-# Published per-chip figures (bf16 peak, HBM capacity, HBM bandwidth), as Google states them
-# (GB = 1e9 bytes):
-#   v4   275 TFLOP/s, 32 GiB, 1,200 GB/s   cloud.google.com/tpu/docs/v4
-#   v5e  197 TFLOP/s, 16 GB,    819 GB/s   cloud.google.com/tpu/docs/v5e
-#   v5p  459 TFLOP/s, 95 GB,  2,765 GB/s   cloud.google.com/tpu/docs/v5p
-#   v6e  918 TFLOP/s, 32 GB,  1,640 GB/s   cloud.google.com/tpu/docs/v6e
-# The runtime keeps a little of the HBM for itself, so a margin of a few hundred MiB is thin.
-CHIPS = {c.generation: c for c in (
-    Chip("v4", 275e12, 32 * 2**30, 1200e9, 2, 3, "megacore"),
-    Chip("v5e", 197e12, 16e9, 819e9, 1, 2, "default"),
-    Chip("v5p", 459e12, 95e9, 2765e9, 2, 3, "megacore"),
-    Chip("v6e", 918e12, 32e9, 1640e9, 1, 2, "default"),
-)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  name: str                 # as given, e.g. "v5p-16"
-  chip: Chip
-  grid: tuple[int, ...]     # chips along each torus axis of one slice
-  num_slices: int = 1
-
-  @property
-  def chips_per_slice(self) -> int:
-    return math.prod(self.grid)
-
-  @property
-  def chips(self) -> int:
-    return self.chips_per_slice * self.num_slices
-
-  @property
-  def topology_name(self) -> str:
-    return f"{self.chip.generation}:{'x'.join(map(str, self.grid))}"
-
-
-def _grid(chips: int, rank: int) -> tuple[int, ...] | None:
-  """The slice shape Cloud TPU uses for `chips` (a power of two): start from 2x2(x1) and double
-  the shortest axis, the last of equals first (v5p-16 is 2x2x2, v5p-32 2x2x4, v6e-32 4x8)."""
-  if chips == 1:
-    return (1,) * rank
-  if chips < 4 or chips & (chips - 1):
-    return None
-  grid = [2, 2] + [1] * (rank - 2)
-  while math.prod(grid) < chips:
-    shortest = min(grid)
-    i = max(j for j, n in enumerate(grid) if n == shortest)
-    grid[i] *= 2
-  return tuple(grid)
-
-
-def parse_topology(name: str, num_slices: int = 1) -> Topology:
-  """v5p-N / v4-N (N TensorCores, N/2 chips), v5e-N / v6e-N (N chips), as Cloud TPU and
-  MaxText name slices; num_slices of them joined over the data-center network."""
-  known = ", ".join(f"{g}-N" for g in CHIPS)
-  gen, _, count = name.partition("-")
-  chip = CHIPS.get(gen)
-  if chip is None or not count.isdigit():
-    raise TopologyError(f"--compile_topology: unknown topology {name!r}; use {known} "
-                        "(e.g. v5p-8, v5p-256, v5e-256, v6e-256)")
-  n = int(count)
-  chips = n // chip.cores_per_name if n % chip.cores_per_name == 0 else 0
-  grid = _grid(chips, chip.grid_rank) if chips else None
-  if grid is None:
-    raise TopologyError(f"--compile_topology: {name!r} is not a {gen} slice size; N is "
-                        f"{'TensorCores (2 a chip), ' if chip.cores_per_name == 2 else 'chips, '}"
-                        f"a power of two from {4 * chip.cores_per_name} (e.g. {gen}-"
-                        f"{8 if chip.cores_per_name == 2 else 16})")
-  if not isinstance(num_slices, int) or num_slices < 1:
-    raise TopologyError(f"--compile_topology_num_slices must be a positive integer, got "
-                        f"{num_slices!r}")
-  return Topology(name, chip, grid, num_slices)
-
-
-def libtpu_spec() -> str:
-  """The libtpu requirement of the installed jax's `tpu` extra (e.g. libtpu==0.0.42.*)."""
-  for req in metadata.requires("jax") or ():
-    head, _, marker = req.partition(";")
-    if head.strip().startswith("libtpu") and "tpu" in marker:
-      return head.replace(" ", "")
-  return "libtpu"
-
-
-def libtpu_path() -> str | None:
-  """libtpu.so to compile with: $TPU_LIBRARY_PATH, an importable libtpu (jax[tpu] installed in
-  the environment), or the copy scripts/setup.sh keeps off the import path in .venv/libtpu."""
-  env = os.environ.get("TPU_LIBRARY_PATH")
-  if env and os.path.isfile(env):
-    return env
-  spec = importlib.util.find_spec("libtpu")
-  if spec is not None and spec.origin:
-    path = os.path.join(os.path.dirname(spec.origin), "libtpu.so")
-    if os.path.isfile(path):
-      return path
-  path = os.path.join(sys.prefix, "libtpu", "libtpu", "libtpu.so")
-  return path if os.path.isfile(path) else None
-
-
-def install_hint() -> str:
-  return (f"install it with `scripts/setup.sh requirements-test.txt` (puts {libtpu_spec()}, the "
-          f"version jax {jax.__version__} pins, in .venv/libtpu) or `pip install "
-          f"\"jax[tpu]=={jax.__version__}\"`")
-
-
-def topology_devices(topo: Topology) -> list:
-  """The topology's devices, described by libtpu (compile-only: nothing runs on them)."""
-  path = libtpu_path()
-  if path is None:
-    raise TopologyError(f"--compile_topology: libtpu is not installed, so there is no TPU "
-                        f"compiler; {install_hint()}")
-  os.environ["TPU_LIBRARY_PATH"] = path
-  # Without these libtpu looks for a Cloud TPU VM's host list and prints warnings about it.
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.name)
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  # Nothing here touches a chip, so a second compiling process (tests beside a benchmark) need
-  # not wait for the lock libtpu takes against processes sharing a TPU.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
-  host = tuple(min(2, n) for n in topo.grid) + (1,) * (3 - len(topo.grid))
-  desc = topologies.get_topology_desc(
-      platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.chip.chip_config,
-      chips_per_host_bounds=host, num_slices=topo.num_slices)
-  return list(desc.devices)
-
-
-def topology_mesh(mesh_cfg: MeshConfig, topo: Topology, devices=None) -> Mesh:
-  """The run's mesh over the topology's devices; with several slices the data axis spans them
-  (slices talk over the slower data-center network, which data parallelism needs least)."""
-  devices = topology_devices(topo) if devices is None else devices
-  try:
-    sizes = mesh_cfg.sizes(len(devices))
-  except MeshError as e:
-    raise TopologyError(f"--compile_topology {topo.name} has {len(devices)} chips"
-                        f"{f' ({topo.num_slices} slices)' if topo.num_slices > 1 else ''}; "
-                        f"{e}") from None
-  if topo.num_slices == 1:
-    return make_mesh(mesh_cfg, devices)
-  if sizes["data"] % topo.num_slices:
-    raise TopologyError(f"--compile_topology_num_slices={topo.num_slices}: the data axis "
-                        f"({sizes['data']}) must be a multiple of the slices, which it spans")
-  from jax.experimental import mesh_utils
-  ici = tuple(sizes[a] // (topo.num_slices if a == "data" else 1) for a in MESH_AXES)
-  dcn = tuple(topo.num_slices if a == "data" else 1 for a in MESH_AXES)
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+# The topology side lives in train/topology.py; its names are part of this module's interface.
+from coder_jax.train.topology import (  # noqa: F401
+    CHIPS, Chip, Topology, TopologyError, install_hint, libtpu_path, libtpu_spec, mesh_sizes,
+    parse_topology, topology_candidates, topology_devices, topology_mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,20 +60,18 @@ class CompileRequest:
 FLOAT_BATCH_KEYS = ("advantages", "old_logp", "ref_logp", "row_weights", "labels")
 
 
+def _sds(shape, dtype, mesh, spec=P()) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
 def abstract_batch(batch_axes: dict, mesh, batch_size: int, seq_len: int) -> dict:
   """ShapeDtypeStructs of a global batch, laid out as the training loop places it."""
   out = {}
   for key, axes in batch_axes.items():
     shape = (batch_size, seq_len)[:len(axes)]
     dtype = jnp.float32 if key in FLOAT_BATCH_KEYS else jnp.int32
-    out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, logical_to_spec(axes, shape, mesh)))
+    out[key] = _sds(shape, dtype, mesh, logical_to_spec(axes, shape, mesh))
   return out
-
-
-def _sharded(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
 
 
 @contextlib.contextmanager
@@ -247,16 +90,18 @@ def no_persistent_cache():
     compilation_cache.reset_cache()
 
 
-def _compile(jitted, args, mesh):
-  """(compiled, None) or (None, the compiler's out-of-memory message)."""
+def _compile(lower, mesh):
+  """(compiled, None, seconds) or (None, the compiler's out-of-memory message, seconds);
+  lower() -> jax's Lowered, called under the mesh."""
+  t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    lowered = jitted.lower(*args)
+    lowered = lower()
   try:
     with no_persistent_cache():
-      return lowered.compile(), None
+      return lowered.compile(), None, time.perf_counter() - t0
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      return None, str(e).strip().splitlines()[0]
+      return None, str(e).strip().splitlines()[0], time.perf_counter() - t0
     raise
 
 
@@ -267,9 +112,23 @@ def _cost(compiled) -> tuple[float, float]:
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
+def _total(m) -> int:
+  """Per-device HBM of a compiled program: outputs that alias donated arguments count once."""
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
 def _gib(n: float) -> str:
   """GiB, or MiB below one GiB (tiny models)."""
   return f"{n / 2**30:,.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:,.2f} MiB"
+
+
+def _state_bytes(cfg, optimizer, mesh, model_cls) -> tuple[object, dict, dict, dict]:
+  """(graphdef, abstract state, specs, {params, opt_state, ...: bytes per device})."""
+  graphdef, abstract, specs = train_state.state_specs(cfg, optimizer, mesh, model_cls)
+  shape = dict(mesh.shape)
+  nbytes = {k: train_state.bytes_per_device(abstract[k], specs[k], shape) for k in abstract}
+  return graphdef, abstract, specs, nbytes
 
 
 def compile_train_step(request: CompileRequest, *, cfg, mesh_cfg: MeshConfig, optimizer,
@@ -279,48 +138,56 @@ def compile_train_step(request: CompileRequest, *, cfg, mesh_cfg: MeshConfig, op
                        decode: dict | None = None, stage: str = "") -> dict:
   """Compile the stage's train step for `request.topology` and print (and return) the per-device
   memory, cost and roofline. make_step(graphdef) -> the unjitted step, as the loop gets it.
-  decode: {rows, prompt_len, max_new_tokens} to compile the sampler (GRPO) as well."""
-  topo = parse_topology(request.topology, request.num_slices)
+  decode: {rows, prompt_len, max_new_tokens, group} to compile the sampler (GRPO) as well.
+  A GEN-auto topology searches for the smallest slice that fits (smallest_fit)."""
+  kw = dict(cfg=cfg, mesh_cfg=mesh_cfg, optimizer=optimizer, objective=objective,
+            make_step=make_step, batch_size=batch_size, seq_len=seq_len,
+            grad_accum_steps=grad_accum_steps, model_cls=model_cls,
+            flops_per_token=flops_per_token, decode=decode, stage=stage)
+  candidates = topology_candidates(request.topology, request.num_slices)
+  if len(candidates) > 1:
+    return smallest_fit(request, candidates, **kw)
+  return _compile_for(candidates[0], request.save_to, devices=devices, **kw)
+
+
+def _compile_for(topo: Topology, save_to, *, cfg, mesh_cfg, optimizer, objective, make_step,
+                 batch_size, seq_len, grad_accum_steps, model_cls, flops_per_token, decode,
+                 stage, devices=None) -> dict:
+  """compile_train_step for one concrete topology."""
   mesh = topology_mesh(mesh_cfg, topo, devices)
   check_fit(mesh, cfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps, seq_len=seq_len)
-  graphdef, abstract, specs = train_state.state_specs(cfg, optimizer, mesh, model_cls)
+  graphdef, abstract, specs, state_bytes = _state_bytes(cfg, optimizer, mesh, model_cls)
   shardings = train_state.to_shardings(specs, mesh)
-  shape = dict(mesh.shape)
-  state_bytes = {k: train_state.bytes_per_device(abstract[k], specs[k], shape) for k in abstract}
   batch = abstract_batch(objective.batch_axes, mesh, batch_size, seq_len)
   batch_bytes = train_state.bytes_per_device(
-      batch, {k: v.sharding.spec for k, v in batch.items()}, shape)
+      batch, {k: v.sharding.spec for k, v in batch.items()}, dict(mesh.shape))
   chip = topo.chip
   report = {"topology": topo.name, "topology_name": topo.topology_name, "chips": topo.chips,
-            "num_slices": topo.num_slices, "mesh": shape, "stage": stage,
+            "num_slices": topo.num_slices, "mesh": dict(mesh.shape), "stage": stage,
             "params_bytes": state_bytes["params"], "opt_state_bytes": state_bytes["opt_state"],
-            "batch_bytes": batch_bytes, "hbm_bytes": chip.hbm_bytes,
+            "batch_bytes": batch_bytes, "batch_keys": sorted(batch), "hbm_bytes": chip.hbm_bytes,
             "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth}
-  head = (f"compile for          {topo.name} ({topo.topology_name}, {topo.chips} chips"
-          f"{f', {topo.num_slices} slices' if topo.num_slices > 1 else ''}; "
-          f"HBM {_gib(chip.hbm_bytes)} a chip)\n"
-          f"mesh                 {' '.join(f'{k}={v}' for k, v in shape.items())}\n"
-          f"batch                {batch_size} x {seq_len} tokens ({grad_accum_steps} "
-          f"micro-batch{'es' if grad_accum_steps > 1 else ''}); attention_impl "
-          f"{cfg.attention_impl}, moe_impl {cfg.moe_impl}")
-  print(head, flush=True)
-  state_total = sum(state_bytes.values())
-  if state_total > chip.hbm_bytes:
+  print(f"compile for          {topo.name} ({topo.topology_name}, {topo.chips} chips"
+        f"{f', {topo.num_slices} slices' if topo.num_slices > 1 else ''}; "
+        f"HBM {_gib(chip.hbm_bytes)} a chip)\n"
+        f"mesh                 {' '.join(f'{k}={v}' for k, v in mesh.shape.items())}\n"
+        f"batch                {batch_size} x {seq_len} tokens ({grad_accum_steps} "
+        f"micro-batch{'es' if grad_accum_steps > 1 else ''}); attention_impl "
+        f"{cfg.attention_impl}, moe_impl {cfg.moe_impl}", flush=True)
+  overflow = _state_overflow(state_bytes, chip)
+  if overflow:
     # Not worth minutes of compiling: the float32 state alone overflows the chip.
+    state_total = sum(state_bytes.values())
     report.update(fits=False, compiled=False, total_bytes=state_total,
                   margin_bytes=chip.hbm_bytes - state_total)
-    print(f"does NOT fit         parameters {_gib(state_bytes['params'])} + optimizer state "
-          f"{_gib(state_bytes['opt_state'])} = {_gib(state_total)} per chip already exceed the "
-          f"{_gib(chip.hbm_bytes)} of HBM (short by {_gib(state_total - chip.hbm_bytes)}); not "
-          f"compiled. Use more chips (a larger topology) or more fsdp / expert sharding.",
-          flush=True)
+    print(f"does NOT fit         {overflow}; not compiled. Use more chips (a larger topology) "
+          f"or more fsdp / expert sharding.", flush=True)
     return report
   from coder_jax.train.loop import jit_step
-  t0 = time.perf_counter()
-  state_args = _sharded(abstract, shardings)
-  compiled, oom = _compile(jit_step(make_step(graphdef), shardings, mesh), (state_args, batch),
-                           mesh)
-  report["compile_s"] = time.perf_counter() - t0
+  state_args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+  jitted = jit_step(make_step(graphdef), shardings, mesh)
+  compiled, oom, report["compile_s"] = _compile(lambda: jitted.lower(state_args, batch), mesh)
   if compiled is None:
     report.update(fits=False, compiled=False, compiler_message=oom)
     print(f"does NOT fit         the TPU compiler ran out of HBM ({report['compile_s']:.0f} s): "
@@ -328,17 +195,68 @@ def compile_train_step(request: CompileRequest, *, cfg, mesh_cfg: MeshConfig, op
     return report
   report.update(_memory(compiled, state_args, batch, chip))
   report["mosaic_kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-  tokens = batch_size * seq_len
-  model_flops = flops_per_token * tokens / topo.chips if flops_per_token else None
+  model_flops = (flops_per_token * batch_size * seq_len / topo.chips if flops_per_token
+                 else None)
   report.update(_roofline(compiled, model_flops, chip))
   print(_format(report), flush=True)
   if decode:
     report["decode"] = compile_decode(cfg, mesh, graphdef, chip, **decode)
-  if request.save_to:
-    save_executable(compiled, request.save_to)
-    report["saved_to"] = request.save_to
-    print(f"saved                the serialized executable to {request.save_to}", flush=True)
+  if save_to:
+    save_executable(compiled, save_to)
+    report["saved_to"] = save_to
+    print(f"saved                the serialized executable to {save_to}", flush=True)
   return report
+
+
+def _state_overflow(state_bytes: dict, chip: Chip, grads: bool = False) -> str | None:
+  """Why the float32 state (with grads, also a gradient of the parameters' size, which the
+  step holds whole: the global-norm clip reads it all before any update) overflows the chip;
+  None where it does not."""
+  total = sum(state_bytes.values()) + (state_bytes["params"] if grads else 0)
+  if total <= chip.hbm_bytes:
+    return None
+  gradients = f" + gradients {_gib(state_bytes['params'])}" if grads else ""
+  return (f"parameters {_gib(state_bytes['params'])} + optimizer state "
+          f"{_gib(state_bytes['opt_state'])}{gradients} = {_gib(total)} per chip already exceed "
+          f"the {_gib(chip.hbm_bytes)} of HBM (short by {_gib(total - chip.hbm_bytes)})")
+
+
+def smallest_fit(request: CompileRequest, candidates: list[Topology], **kw) -> dict:
+  """Compile for the candidates in order until one fits (the sampler too, where the stage has
+  one). A size the mesh or the batch cannot divide over, or whose float32 parameters, optimizer
+  state and gradients (--dry_run's count, no libtpu needed) overflow the chip, is skipped
+  without compiling."""
+  cfg, mesh_cfg = kw["cfg"], kw["mesh_cfg"]
+  name = request.topology
+  print(f"search               {name}: {candidates[0].name} .. {candidates[-1].name}, the "
+        "first that fits", flush=True)
+  tried: list[dict] = []
+  for topo in candidates:
+    try:
+      mesh_sizes(mesh_cfg, topo)
+      mesh = abstract_mesh(mesh_cfg, topo.chips)
+      check_fit(mesh, cfg, batch_size=kw["batch_size"], grad_accum_steps=kw["grad_accum_steps"],
+                seq_len=kw["seq_len"])
+    except (TopologyError, MeshError) as e:
+      tried.append({"topology": topo.name, "outcome": "skipped", "reason": str(e)})
+      print(f"  {topo.name:<18} skipped: {e}", flush=True)
+      continue
+    *_, state_bytes = _state_bytes(cfg, kw["optimizer"], mesh, kw["model_cls"])
+    reason = _state_overflow(state_bytes, topo.chip, grads=True)
+    if reason:
+      tried.append({"topology": topo.name, "outcome": "skipped", "reason": reason})
+      print(f"  {topo.name:<18} skipped: {reason}", flush=True)
+      continue
+    print(f"  {topo.name:<18} compiling", flush=True)
+    report = _compile_for(topo, request.save_to, **kw)
+    fits = report["fits"] and report.get("decode", {}).get("fits", True)
+    tried.append({"topology": topo.name, "outcome": "fits" if fits else "does not fit",
+                  **{k: report[k] for k in ("total_bytes", "compiler_message") if k in report}})
+    if fits:
+      print(f"smallest that fits   {topo.name} ({topo.chips} chips)", flush=True)
+      return {**report, "search": tried}
+  print(f"does NOT fit         on any {name} slice up to {candidates[-1].name}", flush=True)
+  return {"topology": name, "fits": False, "compiled": False, "search": tried}
 
 
 def padded_bytes(shape, dtype, layout) -> int:
@@ -355,32 +273,25 @@ def padded_bytes(shape, dtype, layout) -> int:
   return math.prod(dims) * itemsize
 
 
-def _laid_out_bytes(compiled, args) -> list[int]:
-  """Per argument leaf: the bytes of this device's shard in the compiled input layout."""
-  formats = jax.tree.leaves(compiled.input_formats[0])
-  leaves = jax.tree.leaves(args)
-  return [padded_bytes(a.sharding.shard_shape(a.shape), a.dtype, getattr(f, "layout", None))
-          for a, f in zip(leaves, formats)]
-
-
 def _memory(compiled, state_args, batch_args, chip: Chip) -> dict:
   """Per-device bytes by category from XLA's memory analysis. The arguments split into the
   train state and the batch by their compiled layouts (tile padding included); the donated
   state's outputs alias its arguments, so outputs count what is new (metrics)."""
   m = compiled.memory_analysis()
-  args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
-  temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
-  total = args + out - alias + temp + code
-  laid = _laid_out_bytes(compiled, (state_args, batch_args))
+  total = _total(m)
+  formats = jax.tree.leaves(compiled.input_formats[0])
+  leaves = jax.tree_util.tree_flatten_with_path((state_args, batch_args))[0]
   # Leaves flatten in sorted key order; group them by the top-level key they come from.
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path((state_args, batch_args))[0]]
   by_key: dict = {}
-  for path, n in zip(paths, laid):
+  for (path, a), f in zip(leaves, formats):
     key = "batch" if path[0].idx == 1 else path[1].key
+    n = padded_bytes(a.sharding.shard_shape(a.shape), a.dtype, getattr(f, "layout", None))
     by_key[key] = by_key.get(key, 0) + n
   other = sum(n for k, n in by_key.items() if k not in ("params", "opt_state", "batch"))
-  return {"argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-          "code_bytes": code, "compiled_params_bytes": by_key.get("params", 0),
+  return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+          "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+          "code_bytes": m.generated_code_size_in_bytes,
+          "compiled_params_bytes": by_key.get("params", 0),
           "compiled_opt_state_bytes": by_key.get("opt_state", 0),
           "compiled_other_state_bytes": other, "compiled_batch_bytes": by_key.get("batch", 0),
           "total_bytes": total,
@@ -393,11 +304,11 @@ def _roofline(compiled, model_flops: float | None, chip: Chip) -> dict:
   bandwidth. XLA's count leaves out work inside Pallas kernels (opaque custom calls), so the
   compute side takes the larger of XLA's FLOPs and the model's (6 x active params + attention)."""
   flops, nbytes = _cost(compiled)
-  work = max(flops, model_flops or 0.0)
-  t = max(work / chip.peak_flops, nbytes / chip.hbm_bandwidth)
+  compute_s = max(flops, model_flops or 0.0) / chip.peak_flops
+  memory_s = nbytes / chip.hbm_bandwidth
+  t = max(compute_s, memory_s)
   out = {"xla_flops": flops, "xla_bytes": nbytes, "model_flops": model_flops,
-         "roofline_s": t, "bound": "compute" if work / chip.peak_flops >= nbytes /
-         chip.hbm_bandwidth else "memory"}
+         "roofline_s": t, "bound": "compute" if compute_s >= memory_s else "memory"}
   if model_flops and t > 0:
     out["mfu_bound"] = model_flops / (chip.peak_flops * t)
   return out
@@ -429,49 +340,50 @@ def _format(r: dict) -> str:
 
 
 def compile_decode(cfg, mesh, graphdef, chip: Chip, *, rows: int, prompt_len: int,
-                   max_new_tokens: int) -> dict:
-  """Compile the sampler (prefill + the decode loop over the latent cache) GRPO runs on the
-  training mesh, with the policy cast to the compute dtype."""
-  from coder_jax.decode.generate import _generate
+                   max_new_tokens: int, group: int = 1) -> dict:
+  """Compile the sampler as GRPO runs it on the training mesh (decode/generate.py
+  generate_ids): prefill (once per run of `group` identical prompts) + the decode loop over the
+  latent cache, the policy cast to the compute dtype, rows padded to whole runs and shards."""
+  from coder_jax.decode.generate import _generate, sampler_rows
   _, abstract_state = train_state.abstract_model(cfg)
   specs = train_state.param_specs(abstract_state, mesh)
   dt = jnp.dtype(cfg.dtype)
-  params = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, dt, sharding=NamedSharding(mesh, s)),
-      train_state.abstract_params(abstract_state), specs,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  params = jax.tree.map(lambda a, s: _sds(a.shape, dt, mesh, s),
+                        train_state.abstract_params(abstract_state), specs,
+                        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
   nnx.replace_by_pure_dict(abstract_state, params)
-  split = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
-  rows = -(-rows // split) * split
-  rep = NamedSharding(mesh, P())
-  row_spec = NamedSharding(mesh, logical_to_spec(("batch",), (rows,), mesh))
-  sds = lambda shape, dtype, s=rep: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+  rows, group = sampler_rows(rows, group, math.prod(mesh.shape[a] for a in
+                                                    ("data", "fsdp", "expert")))
   key = jax.eval_shape(lambda: jax.random.key(0))
+  scalar = lambda dtype: _sds((), dtype, mesh)
   args = (graphdef, abstract_state,
-          sds((rows, prompt_len), jnp.int32, NamedSharding(
-              mesh, logical_to_spec(("batch", None), (rows, prompt_len), mesh))),
-          sds((rows,), jnp.int32, row_spec), sds(key.shape, key.dtype),
-          sds((), jnp.float32), sds((), jnp.int32), sds((), jnp.float32), sds((), jnp.int32),
-          sds((1, 1), jnp.int32), sds((1,), jnp.bool_))
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    lowered = _generate.lower(*args, max_new_tokens=max_new_tokens, attend="auto")
-  with no_persistent_cache():
-    compiled = lowered.compile()
+          _sds((rows, prompt_len), jnp.int32, mesh,
+               logical_to_spec(("batch", None), (rows, prompt_len), mesh)),
+          _sds((rows,), jnp.int32, mesh, logical_to_spec(("batch",), (rows,), mesh)),
+          _sds(key.shape, key.dtype, mesh), scalar(jnp.float32), scalar(jnp.int32),
+          scalar(jnp.float32), scalar(jnp.int32), _sds((1, 1), jnp.int32, mesh),
+          _sds((1,), jnp.bool_, mesh))
+  compiled, oom, seconds = _compile(lambda: _generate.lower(
+      *args, max_new_tokens=max_new_tokens, attend="auto", group=group), mesh)
+  out = {"rows": rows, "group": group, "prompt_len": prompt_len,
+         "max_new_tokens": max_new_tokens, "compile_s": seconds}
+  head = (f"sampler              {rows} rows x ({prompt_len} prompt + {max_new_tokens} new) "
+          f"tokens, one prefill per {group} row{'s' if group > 1 else ''}, compiled in "
+          f"{seconds:.1f} s")
+  if compiled is None:
+    out.update(fits=False, compiled=False, compiler_message=oom)
+    print(f"{head}: does NOT fit, the TPU compiler ran out of HBM: {oom}", flush=True)
+    return out
   m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-           + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
   flops, nbytes = _cost(compiled)
-  out = {"rows": rows, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
-         "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
-         "output_bytes": m.output_size_in_bytes, "total_bytes": total,
-         "fits": total <= chip.hbm_bytes, "xla_flops": flops, "xla_bytes": nbytes,
-         "compile_s": time.perf_counter() - t0}
-  print(f"sampler              {rows} rows x ({prompt_len} prompt + {max_new_tokens} new) "
-        f"tokens, compiled in {out['compile_s']:.1f} s: weights {_gib(m.argument_size_in_bytes)}"
-        f" + temporaries (latent cache, activations) {_gib(m.temp_size_in_bytes)} + outputs "
-        f"{_gib(m.output_size_in_bytes)} = {_gib(total)} per device: "
-        f"{'fits' if out['fits'] else 'does NOT fit'}", flush=True)
+  out.update(argument_bytes=m.argument_size_in_bytes, temp_bytes=m.temp_size_in_bytes,
+             output_bytes=m.output_size_in_bytes, total_bytes=_total(m),
+             fits=_total(m) <= chip.hbm_bytes, compiled=True, xla_flops=flops, xla_bytes=nbytes,
+             mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+  print(f"{head}: weights {_gib(m.argument_size_in_bytes)} + temporaries (latent cache, "
+        f"activations) {_gib(m.temp_size_in_bytes)} + outputs {_gib(m.output_size_in_bytes)} = "
+        f"{_gib(out['total_bytes'])} per device: {'fits' if out['fits'] else 'does NOT fit'}",
+        flush=True)
   return out
 
 

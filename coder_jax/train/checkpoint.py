@@ -17,6 +17,7 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
+from coder_jax.files import write_atomic
 from coder_jax.model.config import (ConfigError, computation_diff, config_from_dict,
                                      config_to_dict)
 from coder_jax.model.decoder import DeepseekV2
@@ -238,7 +239,6 @@ def record_tokenizer(model_dir: str, path: str, *, resumed: bool) -> dict:
   """Copies the run's tokenizer to MODEL_DIR/tokenizer.json (where decode, eval and HF export
   find it) and returns {"path", "sha256"} for the checkpoints. A resumed run must keep the
   tokenizer it was trained with."""
-  import shutil
   digest = file_sha256(path)
   dest = os.path.join(model_dir, TOKENIZER_NAME)
   if os.path.exists(dest) and os.path.abspath(dest) != os.path.abspath(path):
@@ -247,9 +247,8 @@ def record_tokenizer(model_dir: str, path: str, *, resumed: bool) -> dict:
                        f"{path}, a different tokenizer; resume with the same DATA_DIR/tokenizer "
                        "or use a new MODEL_DIR")
   if jax.process_index() == 0 and os.path.abspath(dest) != os.path.abspath(path):
-    tmp = dest + ".tmp"
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, dest)
+    with open(path, "rb") as f:
+      write_atomic(dest, f.read())
   return {"path": os.path.abspath(path), "sha256": digest}
 
 

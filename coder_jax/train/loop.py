@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from coder_jax.files import write_atomic
 from coder_jax.model.config import ConfigError, YarnConfig, get_config
 from coder_jax.model.decoder import DeepseekV2
 from coder_jax.parallel.rules import logical_to_spec
@@ -47,7 +48,8 @@ from coder_jax.train.metrics import MetricsLog, Progress
 
 # ModelConfig fields a run config may set on top of an architecture read from a checkpoint.
 RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "moe_impl",
-                  "routing_devices", "routing_device_limit", "capacity_factor")
+                  "routing_devices", "routing_device_limit", "capacity_factor", "capacity_rule",
+                  "capacity_guard_fraction", "dispatch_headroom")
 
 
 # The fields a stage may change on top of the architecture it continues from: where its
@@ -168,10 +170,7 @@ def write_gin_config(model_dir: str):
   """MODEL_DIR/config.gin: every binding of this run (written atomically by the first host)."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(model_dir, "config.gin")
-  with open(path + ".tmp", "w") as f:
-    f.write(gin.config_str())
-  os.replace(path + ".tmp", path)
+  write_atomic(os.path.join(model_dir, "config.gin"), gin.config_str())
 
 
 def log_values(m: dict, step_time: float, tokens_per_step: int, flops_per_token: float | None,
@@ -202,12 +201,15 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
         keep_checkpoints: int | None = 3, async_checkpoints: bool = True, log_every: int = 1,
         max_consecutive_nonfinite: int = 5, nan_injection_steps: tuple = (),
         flops_per_token: float | None = None, peak_tflops_per_device: float | None = None,
-        stop_after: int | None = None, evaluate: Callable | None = None) -> dict:
+        stop_after: int | None = None, evaluate: Callable | None = None,
+        progress_every_s: float = 30.0) -> dict:
   """Train until `train_steps`, resuming from MODEL_DIR's newest intact checkpoint.
 
   make_step(graphdef) -> the (unjitted) train step; params() -> the initial parameters of a
   fresh run (None: from `seed`), called only when there is nothing to resume. evaluate(graphdef,
-  state) -> {name: number}: held-out metrics, logged (as eval_<name>) at every checkpoint."""
+  state) -> {name: number}: held-out metrics, logged (as eval_<name>) at every checkpoint.
+  progress_every_s: how often the progress line is printed when stderr is a file or a pipe (on
+  a terminal it is rewritten at every logged step)."""
   if train_steps < 1 or checkpoint_every < 1:
     raise ValueError("train_steps and checkpoint_every must be >= 1")
   nproc = jax.process_count()
@@ -218,7 +220,15 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
   ckpt = Checkpointer(model_dir, every=checkpoint_every, keep=keep_checkpoints,
                       async_save=async_checkpoints)
   try:
-    return _run(ckpt, locals())
+    return _run(
+        ckpt, model_dir=model_dir, cfg=cfg, optimizer=optimizer, mesh=mesh, objective=objective,
+        data=data, batch_size=batch_size, seq_len=seq_len, train_steps=train_steps,
+        make_step=make_step, seed=seed, params=params, model_cls=model_cls,
+        checkpoint_every=checkpoint_every, log_every=log_every,
+        max_consecutive_nonfinite=max_consecutive_nonfinite,
+        nan_injection_steps=nan_injection_steps, flops_per_token=flops_per_token,
+        peak_tflops_per_device=peak_tflops_per_device, stop_after=stop_after,
+        evaluate=evaluate, progress_every_s=progress_every_s)
   finally:
     ckpt.close()   # also on errors: an open async manager buries them in shutdown noise
 
@@ -230,11 +240,13 @@ def jit_step(step, shardings, mesh):
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
-def _run(ckpt, a: dict) -> dict:
-  cfg, mesh, model_dir, train_steps = a["cfg"], a["mesh"], a["model_dir"], a["train_steps"]
+def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, seq_len,
+         train_steps, make_step, seed, params, model_cls, checkpoint_every, log_every,
+         max_consecutive_nonfinite, nan_injection_steps, flops_per_token,
+         peak_tflops_per_device, stop_after, evaluate, progress_every_s) -> dict:
   primary = jax.process_index() == 0
   nproc = jax.process_count()
-  graphdef, abstract, specs = train_state.state_specs(cfg, a["optimizer"], mesh, a["model_cls"])
+  graphdef, abstract, specs = train_state.state_specs(cfg, optimizer, mesh, model_cls)
   shardings = train_state.to_shardings(specs, mesh)
   with jax.set_mesh(mesh):
     restored = ckpt.restore_latest(abstract, shardings, cfg)
@@ -244,13 +256,13 @@ def _run(ckpt, a: dict) -> dict:
       start_batch = int(data_pos["batches"])
       print(f"restored step {latest} from {ckpt.directory}", flush=True)
     else:
-      init = a["params"]() if a["params"] else None
-      _, state, _ = train_state.init_state(cfg, a["optimizer"], mesh, seed=a["seed"], params=init,
-                                           model_cls=a["model_cls"])
+      init = params() if params else None
+      _, state, _ = train_state.init_state(cfg, optimizer, mesh, seed=seed, params=init,
+                                           model_cls=model_cls)
       start_batch = 0
   start = int(jax.device_get(state["step"]))
-  stream = a["data"].open(model_vocab=cfg.vocab_size, batch_rows=a["batch_size"] // nproc,
-                          seq_len=a["seq_len"], shard=jax.process_index(), num_shards=nproc,
+  stream = data.open(model_vocab=cfg.vocab_size, batch_rows=batch_size // nproc,
+                          seq_len=seq_len, shard=jax.process_index(), num_shards=nproc,
                           start_batch=start_batch)
   if restored is not None and hasattr(stream, "seek"):   # constant-time resume (data/stream.py)
     stream.seek(data_pos)
@@ -258,7 +270,6 @@ def _run(ckpt, a: dict) -> dict:
   record = {}
   if tok_path:
     record["tokenizer"] = record_tokenizer(model_dir, tok_path, resumed=latest is not None)
-  objective = a["objective"]
   placement = {}
 
   def place(key, local):
@@ -269,16 +280,23 @@ def _run(ckpt, a: dict) -> dict:
                                                            mesh))
     return jax.make_array_from_process_local_data(placement[key], local)
 
-  step_fn = jit_step(a["make_step"](graphdef), shardings, mesh)
-  peak = (a["peak_tflops_per_device"] * 1e12 if a["peak_tflops_per_device"]
+  step_fn = jit_step(make_step(graphdef), shardings, mesh)
+  peak = (peak_tflops_per_device * 1e12 if peak_tflops_per_device
           else peak_flops_per_device())
   log = MetricsLog(model_dir, enabled=primary, resume_step=start)
-  tokens_per_step = a["batch_size"] * a["seq_len"]
-  poison = set(int(s) for s in a["nan_injection_steps"])
+  tokens_per_step = batch_size * seq_len
+  poison = set(int(s) for s in nan_injection_steps)
   progress = None  # made after the first step, so compile time does not skew the ETA
   consecutive, losses, step, last_saved, reason = 0, {}, start, latest, "done"
   pending = None      # (step, metrics on device) of the step dispatched last
   t_prev = time.perf_counter()
+
+  def say(text):
+    """A line of its own on the first host's stderr, clear of the progress line."""
+    if progress is not None:
+      progress.message(text)
+    elif primary:
+      print(text, file=sys.stderr, flush=True)
 
   def settle():
     """Reads the pending step's metrics (waiting for it), logs them, updates the streak."""
@@ -290,18 +308,19 @@ def _run(ckpt, a: dict) -> dict:
     m = jax.device_get(m)
     now = time.perf_counter()
     dt, t_prev = now - t_prev, now
-    v = log_values(m, dt, tokens_per_step, a["flops_per_token"], peak, jax.device_count())
+    v = log_values(m, dt, tokens_per_step, flops_per_token, peak, jax.device_count())
     v.update(host)
     losses[s] = v["loss"]
+    if progress is None:
+      progress = Progress(train_steps, start_step=s, stream=sys.stderr if primary else _Null(),
+                          every_s=progress_every_s)
     if v["skipped"]:
       consecutive += 1
-      print(f"\nstep {s}: non-finite loss/gradient ({v['loss']}); update skipped "
-            f"({consecutive} in a row)", file=sys.stderr, flush=True)
+      say(f"step {s}: non-finite loss/gradient ({v['loss']}); update skipped "
+          f"({consecutive} in a row)")
     else:
       consecutive = 0
-    if progress is None:
-      progress = Progress(train_steps, start_step=s, stream=sys.stderr if primary else _Null())
-    if s % a["log_every"] == 0 or s == train_steps:
+    if s % log_every == 0 or s == train_steps:
       log.write(s, v)
       progress.update(s, v)
 
@@ -321,20 +340,19 @@ def _run(ckpt, a: dict) -> dict:
         settle()    # the previous step's metrics, read while this one runs
         step += 1
         pending = (step, m, host)
-        if consecutive >= a["max_consecutive_nonfinite"]:
+        if consecutive >= max_consecutive_nonfinite:
           reason = "nonfinite"
           break
         stop = guard.requested(step)
-        done_here = a["stop_after"] is not None and step - start >= a["stop_after"]
+        done_here = stop_after is not None and step - start >= stop_after
         forced = stop or done_here or step == train_steps
-        if forced or step % a["checkpoint_every"] == 0:
-          if a["evaluate"] is not None:   # logged in this step's row
-            scores = {f"eval_{k}": float(v) for k, v in a["evaluate"](graphdef, state).items()}
+        if forced or step % checkpoint_every == 0:
+          if evaluate is not None:   # logged in this step's row
+            scores = {f"eval_{k}": float(v) for k, v in evaluate(graphdef, state).items()}
             pending[2].update(scores)
-            print(f"\nstep {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()),
-                  file=sys.stderr if primary else _Null(), flush=True)
+            say(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
           settle()   # a save point needs this step's verdict
-          if consecutive >= a["max_consecutive_nonfinite"]:
+          if consecutive >= max_consecutive_nonfinite:
             reason = "nonfinite"
             break
           # Periodic saves wait out a non-finite streak so rotation keeps the last good one; a
@@ -350,7 +368,7 @@ def _run(ckpt, a: dict) -> dict:
           reason = "stop_after"
           break
       settle()
-      if reason == "done" and consecutive >= a["max_consecutive_nonfinite"]:
+      if reason == "done" and consecutive >= max_consecutive_nonfinite:
         reason = "nonfinite"
   finally:
     if progress is not None:
@@ -366,7 +384,7 @@ def _run(ckpt, a: dict) -> dict:
   if reason == "nonfinite":
     raise NonFiniteLossError(
         f"stopping at step {step}: {consecutive} consecutive steps with a non-finite loss or "
-        f"gradient (limit max_consecutive_nonfinite={a['max_consecutive_nonfinite']}); the last "
+        f"gradient (limit max_consecutive_nonfinite={max_consecutive_nonfinite}); the last "
         f"good checkpoint is step {last_saved} in {ckpt.directory}")
   if primary and reason == "done":
     print(f"finished step {step}; checkpoint in {ckpt.directory}", flush=True)

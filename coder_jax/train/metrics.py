@@ -1,11 +1,7 @@
-"""Training metrics: a JSON-lines log, TensorBoard event files and a console progress line.
-
-The TensorBoard event files are written by tensorboardX (a maintained writer; it and protobuf
-are imported only when a writer is made, so importing this module needs neither, nor
-TensorFlow).
+"""Training metrics: `{model_dir}/metrics.jsonl` and TensorBoard events, written together.
 
   log = MetricsLog(model_dir, enabled=jax.process_index() == 0)
-  progress = Progress(total_steps, start_step=step)
+  progress = Progress(total_steps, start_step=step)      # train/progress.py
   ...
   log.write(step, {"loss": 2.31, "lr": 3e-4, "tokens_per_s": 14200.0, "mfu": 0.123})
   progress.update(step, values)
@@ -14,95 +10,25 @@ TensorFlow).
 
 `{model_dir}/metrics.jsonl` gets one JSON object per `write` ({"step": int, **values}), with
 NaN / Inf as the strings "nan" / "inf" / "-inf" so every line stays valid JSON;
-`{model_dir}/tensorboard/` gets one event per `write` with the scalar values.
+`{model_dir}/tensorboard/` gets one event per `write` with the scalar values (train/events.py).
+EventWriter, Progress and format_duration are importable from here too.
 """
 
 from __future__ import annotations
 
-import glob
-import itertools
 import json
 import math
 import numbers
 import os
-import sys
-import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-# ----------------------------------------------------------------------------------------------
-# TensorBoard event files, through tensorboardX's writer (imported when a writer is made).
+from coder_jax.files import write_atomic
+from coder_jax.train.events import EventWriter
+from coder_jax.train.progress import Progress, format_duration
 
-_WRITERS = itertools.count()
-
-
-class EventWriter:
-  """Writes scalar summaries to a new TensorBoard event file in `logdir`.
-
-  with EventWriter(logdir) as w:
-    w.scalars(step, {"loss": 2.3, "lr": 3e-4})
-  """
-
-  def __init__(self, logdir: str | os.PathLike):
-    from tensorboardX.writer import FileWriter
-    self.logdir = os.fspath(logdir)
-    os.makedirs(self.logdir, exist_ok=True)
-    # tensorboardX names files by time and host: the pid and a counter keep two writers apart.
-    suffix = f".{os.getpid()}.{next(_WRITERS)}.coder_jax"
-    self._writer = FileWriter(self.logdir, flush_secs=10, filename_suffix=suffix)
-    self.flush()
-    self.path, = glob.glob(os.path.join(glob.escape(self.logdir), f"events.out.tfevents.*{suffix}"))
-
-  @property
-  def closed(self) -> bool:
-    return self._writer is None
-
-  def _check_open(self) -> None:
-    if self._writer is None:
-      raise ValueError(f"EventWriter for {self.logdir} is closed")
-
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    """One event at `step` holding every value of `values` as a float32 simple_value.
-
-    NaN and +-Inf are written as they are (TensorBoard shows them); an empty dict writes nothing.
-    """
-    self._check_open()
-    if not values:
-      return
-    from tensorboardX.proto.summary_pb2 import Summary
-    summary = Summary(value=[Summary.Value(tag=str(tag), simple_value=float(v))
-                             for tag, v in values.items()])
-    self._writer.add_summary(summary, int(step), walltime=time.time())
-
-  def session_start(self, step: int) -> None:
-    """A restart at `step`: TensorBoard then drops the events at `step` and later written before
-    it (the steps a killed run logged past its last checkpoint)."""
-    self._check_open()
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-    self._writer.add_event(Event(wall_time=time.time(), step=int(step),
-                                 session_log=SessionLog(status=SessionLog.START)))
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
-
-  def __enter__(self) -> "EventWriter":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # interpreter shutdown
-      pass
+__all__ = ["EventWriter", "MetricsLog", "Progress", "format_duration", "read_metrics"]
 
 
 def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict]:
@@ -120,9 +46,6 @@ def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict]:
         out[rec["step"]] = rec
   return out
 
-
-# ----------------------------------------------------------------------------------------------
-# JSON-lines + TensorBoard metrics log.
 
 def _json_float(x: float) -> float | str:
   if math.isnan(x):
@@ -218,10 +141,7 @@ class MetricsLog:
         continue
     if len(keep) == len(lines):
       return
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, self.path)
+    write_atomic(self.path, "".join(line + "\n" for line in keep))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -252,103 +172,6 @@ class MetricsLog:
       self._events = None
 
   def __enter__(self) -> "MetricsLog":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Console progress line.
-
-def format_duration(seconds: float) -> str:
-  """H:MM:SS (hours not wrapped at a day)."""
-  total = max(0, int(round(seconds)))
-  minutes, secs = divmod(total, 60)
-  hours, minutes = divmod(minutes, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-class Progress:
-  """A one-line training status, e.g.
-
-    [#########.....................] 30/100  loss 5.123  lr 3.0e-04  14,200 tok/s  MFU 12.3%  ETA 0:01:23
-
-  `update` rewrites the line in place (carriage return, no newline) on a TTY and prints one line
-  per update otherwise. Shown when present in the values: loss, lr, grad_norm, tokens_per_s,
-  mfu (a fraction, shown in %). The ETA is the mean time per step since this Progress was
-  created (steps done in this process, since start_step) times the steps left; it reads
-  "ETA ?" until the second `update` call.
-  """
-
-  def __init__(self, total_steps: int, start_step: int = 0, stream=None, width: int = 30,
-               clock: Callable[[], float] = time.monotonic):
-    self.total_steps = int(total_steps)
-    self.start_step = int(start_step)
-    self.stream = sys.stderr if stream is None else stream
-    self.width = int(width)
-    self._clock = clock
-    self._t0 = clock()
-    self._updates = 0
-    self._last_len = 0
-    self._open_line = False  # a TTY line written without its newline yet
-    try:
-      self.is_tty = bool(self.stream.isatty())
-    except (AttributeError, ValueError, OSError):
-      self.is_tty = False
-
-  def _bar(self, step: int) -> str:
-    frac = step / self.total_steps if self.total_steps > 0 else 1.0
-    frac = min(max(frac, 0.0), 1.0)
-    filled = int(frac * self.width)
-    return "[" + "#" * filled + "." * (self.width - filled) + "]"
-
-  def eta_seconds(self, step: int) -> float | None:
-    """Seconds left at `step`, or None before the second update or without steps done."""
-    done = step - self.start_step
-    if self._updates < 2 or done <= 0:
-      return None
-    per_step = (self._clock() - self._t0) / done
-    return per_step * max(self.total_steps - step, 0)
-
-  def line(self, step: int, values: Mapping[str, Any] | None = None) -> str:
-    values = values or {}
-    parts = [f"{self._bar(step)} {step}/{self.total_steps}"]
-    if values.get("loss") is not None:
-      parts.append(f"loss {float(values['loss']):.3f}")
-    if values.get("lr") is not None:
-      parts.append(f"lr {float(values['lr']):.1e}")
-    if values.get("grad_norm") is not None:
-      parts.append(f"grad_norm {float(values['grad_norm']):.3f}")
-    if values.get("tokens_per_s") is not None:
-      tps = float(values["tokens_per_s"])
-      parts.append(f"{tps:,.0f} tok/s" if math.isfinite(tps) else f"{tps} tok/s")
-    if values.get("mfu") is not None:
-      parts.append(f"MFU {100.0 * float(values['mfu']):.1f}%")
-    eta = self.eta_seconds(step)
-    parts.append("ETA ?" if eta is None else f"ETA {format_duration(eta)}")
-    return "  ".join(parts)
-
-  def update(self, step: int, values: Mapping[str, Any] | None = None) -> str:
-    self._updates += 1
-    text = self.line(step, values)
-    if self.is_tty:
-      # Pad over the rest of a longer previous line.
-      self.stream.write("\r" + text.ljust(self._last_len))
-      self._last_len = len(text)
-      self._open_line = True
-    else:
-      self.stream.write(text + "\n")
-    self.stream.flush()
-    return text
-
-  def close(self) -> None:
-    if self._open_line:
-      self.stream.write("\n")
-      self.stream.flush()
-      self._open_line = False
-
-  def __enter__(self) -> "Progress":
     return self
 
   def __exit__(self, *exc) -> None:

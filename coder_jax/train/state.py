@@ -16,15 +16,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from coder_jax.model.config import ModelConfig
-from coder_jax.model.decoder import DeepseekV2
+from coder_jax.model.decoder import DeepseekV2, abstract_model  # noqa: F401  (state.abstract_model)
 from coder_jax.parallel.rules import logical_to_spec
-
-
-def abstract_model(cfg: ModelConfig, model_cls=DeepseekV2):
-  """(graphdef, abstract nnx state) without allocating a weight. model_cls(cfg, rngs=...) is the
-  module trained (the causal LM, or e.g. the reward model)."""
-  abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-  return nnx.split(abstract)
 
 
 def _nested(items):

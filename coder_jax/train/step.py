@@ -43,19 +43,33 @@ def token_norms(batch) -> dict:
 
 
 def moe_balance(cfg, alphas, aux, norms) -> tuple[jnp.ndarray, dict]:
-  """The balance losses' sum, and {their values, per-layer routed-copy counts}."""
+  """The balance losses' sum, and {their values, per-layer routed-copy counts, per-layer dropped
+  and routed copies (key `moe_drops`: {"layer_<i>": [dropped, copies]}, i the decoder layer)}."""
   bal = balance_losses(aux["router"], cfg, alphas, num_rows=norms["rows"])
   counts = (jnp.concatenate([s["count"].sum(axis=1) for s in aux["router"]], axis=0)
             if aux["router"] else jnp.zeros((0, 0), jnp.float32))
-  return sum(bal.values()), {**bal, "expert_counts": counts}
+  moe_layers = [i for i, kind in enumerate(cfg.layer_kinds()) if kind == "moe"]
+  per_layer = [jnp.stack([d, c * cfg.num_experts_per_tok], axis=-1)
+               for s in aux["router"]
+               for d, c in zip(s["dropped"].sum(axis=1), s["tokens"].sum(axis=1))]
+  drops = {f"layer_{i}": v for i, v in zip(moe_layers, per_layer)}
+  return sum(bal.values()), {**bal, "expert_counts": counts, "moe_drops": drops}
 
 
 def expert_load(metrics: dict, norms) -> dict:
-  """Replaces the accumulated per-layer copy counts by each layer's load fractions."""
+  """Replaces the accumulated per-layer copy counts by each layer's load fractions, and the
+  dropped-copy counts by drop fractions: `drop_fraction` (all MoE layers) and
+  `drop_fraction/layer_<i>` (dropped / routed copies of valid tokens; 0 outside training)."""
   m = dict(metrics)
   counts = m.pop("expert_counts")
   m["expert_load"] = (counts / jnp.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
                       if counts.size else counts)
+  drops = m.pop("moe_drops", {})
+  for name, (dropped, copies) in drops.items():
+    m[f"drop_fraction/{name}"] = dropped / jnp.maximum(copies, 1.0)
+  if drops:
+    total = sum(drops.values())
+    m["drop_fraction"] = total[0] / jnp.maximum(total[1], 1.0)
   m["tokens"] = norms["tokens"]
   return m
 

@@ -12,18 +12,24 @@ def valid_positions(lengths_B, s: int):
 
 
 def reference_latent_decode_attention(q_latent_BHR, q_rope_BHD, latent_cache_BSR, rope_cache_BSD,
-                                      lengths_B, *, sm_scale: float):
+                                      lengths_B, *, sm_scale: float, finite_cache: bool = False):
   """o[b, h] = sum_j softmax_j(s[b, h, :]) c[b, j] over j < lengths[b], computed by XLA.
 
   s[b, h, j] = (q_latent[b, h] . c[b, j] + q_rope[b, h] . k_r[b, j]) * sm_scale. Rows with
   lengths[b] == 0 give zeros. Exact: float32 (HIGHEST) dots and softmax, any dims.
+  finite_cache: the caller guarantees that slots past a row's length hold finite values (a
+  cache that starts zeroed and is only ever written with computed entries); the cache is then
+  read as it is, not first copied with those slots zeroed (a copy of the whole cache at each
+  call, which at decode time costs more than the attention).
   """
   f32 = lambda x: x.astype(jnp.float32)
   valid = valid_positions(lengths_B, latent_cache_BSR.shape[1])
-  # Cache slots past a row's length may hold anything (stale tokens, NaN); zero them so that a
-  # masked probability of 0 times garbage cannot turn into NaN.
-  c = jnp.where(valid[:, :, None], f32(latent_cache_BSR), 0.0)
-  k_r = jnp.where(valid[:, :, None], f32(rope_cache_BSD), 0.0)
+  c, k_r = f32(latent_cache_BSR), f32(rope_cache_BSD)
+  if not finite_cache:
+    # Slots past a row's length may hold anything (stale tokens, NaN); zero them so that a
+    # masked probability of 0 times garbage cannot turn into NaN.
+    c = jnp.where(valid[:, :, None], c, 0.0)
+    k_r = jnp.where(valid[:, :, None], k_r, 0.0)
   hi = lax.Precision.HIGHEST
   s = (jnp.einsum("bhr,bsr->bhs", f32(q_latent_BHR), c, precision=hi)
        + jnp.einsum("bhd,bsd->bhs", f32(q_rope_BHD), k_r, precision=hi)) * sm_scale
