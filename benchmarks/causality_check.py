@@ -4,6 +4,11 @@
     python benchmarks/causality_check.py
 """
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+
 import jax
 import jax.numpy as jnp
 import numpy as np

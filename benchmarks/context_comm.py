@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -18,9 +18,13 @@ Imports only jax, flax, optax, orbax, numpy and gin (runs where TensorFlow is ab
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 import jax
 import numpy as np

@@ -207,6 +207,32 @@ def test_eos_and_stop_sequences_end_rows():
   assert out.tokens[1] == row[:end] and out.finish_reason[1] == "stop"
 
 
+def test_finished_rows_stop_growing_their_attention_length(monkeypatch):
+  """After a row ends (EOS), the loop's remaining steps attend for it over a fixed length (the
+  decode kernels then skip its cache past that), while live rows keep growing; the tokens are
+  those of the plain run."""
+  from coder_jax.decode import attention as decode_attention
+  seen = []
+
+  def recording(q_latent, q_rope, latent, rope, lengths, sm_scale):
+    jax.debug.callback(lambda l: seen.append(np.asarray(l).copy()), lengths)
+    return decode_attention.IMPLS["reference"](q_latent, q_rope, latent, rope, lengths, sm_scale)
+
+  monkeypatch.setitem(decode_attention.IMPLS, "recording", recording)
+  model = _model()
+  base = generate_ids(model, PROMPTS, max_new_tokens=10).tokens
+  eos = base[0][3]
+  first = base[0].index(eos)
+  out = generate_ids(model, PROMPTS, max_new_tokens=10, eos_id=eos, attention_impl="recording")
+  assert out.tokens == generate_ids(model, PROMPTS, max_new_tokens=10, eos_id=eos).tokens
+  per_step = np.stack(seen[::model.cfg.num_hidden_layers])     # one call per layer per step
+  assert len(per_step) == 10 and out.finish_reason[0] == "eos"
+  row0 = per_step[:, 0]
+  assert (np.diff(row0[:first + 1]) == 1).all() and (row0[first:] == row0[first]).all()
+  live = [i for i, r in enumerate(out.finish_reason) if r == "length"]
+  assert live and (np.diff(per_step[:, live], axis=0) == 1).all()
+
+
 @pytest.mark.parametrize("impl", ["auto", "pallas_tpu"])
 def test_sharded_generation_matches_one_device(impl):
   from coder_jax.parallel.mesh import MeshConfig, make_mesh

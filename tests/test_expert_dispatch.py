@@ -139,16 +139,23 @@ def test_device_rule_ties_break_by_global_copy_index():
 @pytest.mark.parametrize("rule", ["device", "pair"])
 def test_guarded_copies_are_never_dropped(rule):
   """+inf affinity (what MoE gives the guarded rows' tokens) is kept even past the budget."""
-  n = 64
-  p = _problem(90, n, bias=SKEW)
+  # a third of the tokens guarded: past the budget
+  _check_guarded(rule, seed=90, every=3, capacity_factor=0.5, num_devices=4)
+
+
+def _check_guarded(rule, *, seed, every, capacity_factor, num_devices, n=64):
+  """Every `every`-th token guarded (+inf affinity): all guarded copies kept, some others
+  dropped, the device rule's kept set equal to numpy's, the output the kept copies' MoE."""
+  p = _problem(seed, n, bias=SKEW)
   guard = np.zeros((n, K), bool)
-  guard[::3] = True                                   # a third of the tokens: past the budget
+  guard[::every] = True
   p["affinity"] = np.where(guard, np.inf, p["affinity"]).astype(np.float32)
-  out, kept = _run(_cfg(capacity_factor=0.5, capacity_rule=rule), p, MESHES[4])
+  out, kept = _run(_cfg(capacity_factor=capacity_factor, capacity_rule=rule), p,
+                   MESHES[num_devices])
   assert kept[guard].all() and not kept.all()
   if rule == "device":
-    ref = _np_device_kept(p["experts"], p["affinity"], n_local=n // 8, num_devices=4,
-                          capacity_factor=0.5)
+    ref = _np_device_kept(p["experts"], p["affinity"], n_local=n // 8, num_devices=num_devices,
+                          capacity_factor=capacity_factor)
     np.testing.assert_array_equal(kept, ref)
   assert _rel(out, _np_moe(p, kept)) <= 1e-5
 
@@ -273,18 +280,7 @@ def test_skewed_routing_needs_overflow_rounds():
 
 @pytest.mark.parametrize("rule", ["device", "pair"])
 def test_capacity_through_ragged_transport(emulated_ragged, rule):
-  n = 64
-  p = _problem(120, n, bias=SKEW)
-  guard = np.zeros((n, K), bool)
-  guard[::4] = True
-  p["affinity"] = np.where(guard, np.inf, p["affinity"]).astype(np.float32)
-  out, kept = _run(_cfg(capacity_factor=0.75, capacity_rule=rule), p, MESHES[8])
-  assert kept[guard].all() and not kept.all()
-  if rule == "device":
-    ref = _np_device_kept(p["experts"], p["affinity"], n_local=n // 8, num_devices=8,
-                          capacity_factor=0.75)
-    np.testing.assert_array_equal(kept, ref)
-  assert _rel(out, _np_moe(p, kept)) <= 1e-5
+  _check_guarded(rule, seed=120, every=4, capacity_factor=0.75, num_devices=8)
 
 
 def test_window_sizes():

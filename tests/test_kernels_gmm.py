@@ -266,3 +266,21 @@ def test_lowers_for_device(backend, platform, m, k, n, g, dtype, grad):
   # No fallback: every matmul is inside a kernel (the serialized kernels are skipped here).
   outside = "\n".join(line for line in text.splitlines() if "custom_call" not in line)
   assert "dot_general" not in outside and "ragged_dot" not in outside
+
+
+@pytest.mark.parametrize("m,g", [(6, 64), (48, 64), (8, 160)])
+def test_work_plan_of_a_decode_step_visits_only_routed_experts(m, g):
+  """A decode step's few token copies (m rows, e.g. one row x top-6) over many experts: gmm's
+  items visit only the groups that hold rows, and the inactive items past them repeat the last
+  active item's (group, tile), so no grid step moves to another expert's weight block: the
+  kernels read the routed experts' weights only, and empty groups cost nothing."""
+  rng = np.random.default_rng(m)
+  sizes = np.bincount(rng.choice(g, m), minlength=g)
+  plan = metadata.make_work_plan(jnp.asarray(sizes, jnp.int32), m, 128, for_tgmm=False)
+  routed = set(np.nonzero(sizes)[0].tolist())
+  groups = np.asarray(plan.group_ids_I)
+  active = np.asarray(plan.row_ends_I) > np.asarray(plan.row_starts_I)
+  assert set(groups.tolist()) == routed
+  assert active.sum() == len(routed)                       # one tile (m <= 128) per routed group
+  assert (groups[~active] == groups[active][-1]).all()     # inactive: no new weight block
+  assert (np.asarray(plan.tile_ids_I) == 0).all()

@@ -108,7 +108,8 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
     cache = cache_lib.pin(jax.tree.map(lambda a: jnp.repeat(a, group, axis=0), cache))
   layers = decode_layers(model)
   window = jnp.full((b, stop_table.shape[1]), -2, jnp.int32)
-  carry = dict(i=jnp.int32(0), cache=cache, logits=logits, done=jnp.zeros((b,), bool),
+  carry = dict(i=jnp.int32(0), pos=lengths_B, cache=cache, logits=logits,
+               done=jnp.zeros((b,), bool),
                reason=jnp.zeros((b,), jnp.int32), window=window,
                out=jnp.full((b, max_new_tokens), _NO_TOKEN, jnp.int32),
                logp=jnp.zeros((b, max_new_tokens), jnp.float32))
@@ -128,8 +129,13 @@ def _generate(graphdef, state, prompt_BT, lengths_B, key, temperature, top_k, to
     hit_eos = tok == eos_id
     live = ~c["done"]
     reason = jnp.where(live & hit_eos, 1, jnp.where(live & hit_stop, 2, c["reason"]))
-    logits, cache = _decode_step(model, c["cache"], tok, lengths_B + i, attend_fn, layers)
-    return dict(i=i + 1, cache=cache, logits=logits, done=c["done"] | hit_eos | hit_stop,
+    # A row that has finished stays at its last position: its (discarded) steps rewrite that
+    # cache slot and attend over no more entries, so with the decode kernels, which skip cache
+    # blocks past each row's length, finished rows stop costing attention work.
+    pos = jnp.where(c["done"], c["pos"], lengths_B + i)
+    logits, cache = _decode_step(model, c["cache"], tok, pos, attend_fn, layers)
+    return dict(i=i + 1, pos=pos, cache=cache, logits=logits,
+                done=c["done"] | hit_eos | hit_stop,
                 reason=reason, window=window, out=c["out"].at[:, i].set(tok),
                 logp=c["logp"].at[:, i].set(logp))
 
