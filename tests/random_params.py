@@ -8,6 +8,11 @@ from flax import nnx
 from coder_jax.model.decoder import init_model
 
 
+def graph_and_params(model):
+  """(graphdef, the parameters as a pure dict): what jitted loss functions take."""
+  return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
 def random_model_state(cfg, seed):
   """(graphdef, state) of init_model(cfg) with float32 numpy-random parameters: norms near 1,
   router gates wide enough for clear-cut routing, the rest N(0, 0.1^2). (Eager init_model

@@ -29,6 +29,7 @@ from coder_jax.train.data import SyntheticData
 from coder_jax.train.losses import BalanceLossConfig
 from coder_jax.train.state import abstract_model, param_specs, to_shardings
 from coder_jax.train.step import lm_objective
+from random_params import graph_and_params
 
 ALPHAS = BalanceLossConfig(expert_alpha=0.003, device_alpha=0.05, comm_alpha=0.02)
 # One MoE layer (attention + routed and shared experts): one scanned body to compile.
@@ -61,9 +62,7 @@ def _loss_fn(cfg, graphdef):
 
 @pytest.fixture(scope="module")
 def reference():
-  model = init_model(CFG, seed=1)
-  graphdef = nnx.graphdef(model)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  graphdef, params = graph_and_params(init_model(CFG, seed=1))
   batch = _batch()
   (loss, metrics), grads = jax.jit(_loss_fn(CFG, graphdef))(params, batch)
   return graphdef, params, batch, loss, metrics, grads

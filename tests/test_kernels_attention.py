@@ -178,6 +178,13 @@ def test_segment_spans_match_numpy():
       assert (first[b, t], last[b, t]) == (where[0], where[-1])
 
 
+def _small_blocks_kernel(seg, causal, backend):
+  """The kernel at 16 x 16 blocks (many blocks at short lengths) as a function of q, k, v."""
+  return lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, causal=causal, backend=backend,
+                                       interpret=INTERPRET[backend],
+                                       block_sizes=BlockSizes(16, 16, 16, 16))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_many_short_and_scattered_segments(backend, causal):
@@ -188,9 +195,7 @@ def test_many_short_and_scattered_segments(backend, causal):
   short = np.repeat(np.arange(1, 20), 4)[:75]
   scattered = rng.integers(1, 4, 75)
   seg = jnp.asarray(np.stack([short, scattered]).astype(np.int32))
-  kern = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, causal=causal, backend=backend,
-                                       interpret=INTERPRET[backend],
-                                       block_sizes=BlockSizes(16, 16, 16, 16))
+  kern = _small_blocks_kernel(seg, causal, backend)
   got = fwd_and_grads(kern, q, k, v, do)
   with jax.default_matmul_precision("highest"):
     want = fwd_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg,
@@ -228,9 +233,7 @@ def test_queries_shorter_than_keys(backend, case):
   q, do = q_all[:, s - t:], do_all[:, s - t:]
   if segments:
     seg = seg.at[0, :s - t - 5].set(-1)
-  kern = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, causal=causal, backend=backend,
-                                       interpret=INTERPRET[backend],
-                                       block_sizes=BlockSizes(16, 16, 16, 16))
+  kern = _small_blocks_kernel(seg, causal, backend)
   got = fwd_and_grads(kern, q, k, v, do)
   with jax.default_matmul_precision("highest"):
     full = fwd_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg,

@@ -30,6 +30,7 @@ from coder_jax.train.optim import OptimizerConfig
 from coder_jax.train.state import abstract_model
 from coder_jax.train.step import lm_objective
 from hf_oracle import BASE, hf_logits, random_hf_model, rel_err
+from random_params import graph_and_params
 
 TINY = get_config("tiny", dtype="float32")
 YARN = dict(factor=4.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
@@ -50,10 +51,6 @@ def _batch(vocab, b=2, t=40, seed=0):
           "loss_weights": jnp.asarray(weights)}
 
 
-def _params(model):
-  return nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
 # --- the chunked loss
 
 
@@ -61,7 +58,7 @@ def _params(model):
 def _loss_ce_grads(chunk):
   """(loss, logged cross-entropy, gradients) of one packed batch, the loss's logits computed
   `chunk` positions at a time (None: all at once)."""
-  graphdef, params = _params(init_model(TINY, seed=3))
+  graphdef, params = graph_and_params(init_model(TINY, seed=3))
   batch = _batch(TINY.vocab_size)
   obj = lm_objective(TINY, loss_chunk_size=chunk)
 
@@ -90,7 +87,7 @@ def test_chunked_loss_peak_memory_is_bounded_by_the_chunk():
   [T, vocab] logits without chunking, and at most two chunks' worth with 128-position chunks."""
   vocab, t, chunk = 32000, 2048, 128
   cfg = get_config("tiny", dtype="float32", vocab_size=vocab, num_hidden_layers=1)
-  graphdef, params = _params(init_model(cfg, seed=0))
+  graphdef, params = graph_and_params(init_model(cfg, seed=0))
   batch = _batch(vocab, b=1, t=t)
 
   def temp_bytes(loss):

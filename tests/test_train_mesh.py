@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from coder_jax.model.config import get_config
 from coder_jax.model.decoder import init_model
@@ -14,6 +13,7 @@ from coder_jax.train.data import SyntheticData
 from coder_jax.train.losses import BalanceLossConfig
 from coder_jax.train.state import param_specs, abstract_model, to_shardings
 from coder_jax.train.step import loss_and_grads
+from random_params import graph_and_params
 
 ALPHAS = BalanceLossConfig(expert_alpha=0.003, device_alpha=0.05, comm_alpha=0.02)
 CFG = get_config("tiny", moe_impl="tiled", num_hidden_layers=3, routing_devices=4,
@@ -32,9 +32,7 @@ def _batch(seed=3):
 
 @pytest.fixture(scope="module")
 def reference():
-  model = init_model(CFG, seed=1)
-  graphdef = nnx.graphdef(model)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  graphdef, params = graph_and_params(init_model(CFG, seed=1))
   batch = _batch()
   loss, grads = jax.jit(lambda p, b: loss_and_grads(graphdef, CFG, p, b, ALPHAS))(params, batch)
   return graphdef, params, batch, loss, grads

@@ -136,7 +136,7 @@ class LayerStack(nnx.Module):
     (the decode step is small, so compile time grows little with depth). layers: the run's
     layers from `unstacked()` (default: sliced from the stack here)."""
     out = []
-    for layer, (latent, rope) in zip(layers or self.unstacked(), caches):
+    for layer, (latent, rope) in zip(self.unstacked() if layers is None else layers, caches):
       x_B1D, c = layer.decode(x_B1D, cos, sin, latent, rope, positions_B, attend)
       out.append(c)
     return x_B1D, out
