@@ -79,7 +79,13 @@ def test_tensorflow_start_up_is_quiet():
   res = _run("import tensorflow as tf\nprint(int(tf.constant(2) * 3))\n"
              + _WRITE.format(lines=REAL))
   assert res.returncode == 0 and res.stdout.strip() == "6", res.stderr
-  assert res.stderr.splitlines() == ["filtering True"] + REAL + ["a python line"], res.stderr
+  # Exactly these lines: TensorFlow's start-up notices are gone. The native lines pass through
+  # the filter process and keep their order; Python's own line is written past it, so where it
+  # lands among them is up to the scheduler.
+  err = res.stderr.splitlines()
+  assert err[0] == "filtering True", res.stderr
+  assert sorted(err[1:]) == sorted(REAL + ["a python line"]), res.stderr
+  assert [l for l in err if l in REAL] == REAL, res.stderr
 
 
 @pytest.mark.parametrize("module, argv", [
