@@ -3,7 +3,7 @@
 The loss, each of its terms (cross-entropy, balance losses) and every gradient with the
 sequence split over `context` (2, 4, 8; alone, with fsdp, expert, tensor) equal the unsharded
 computation (float32, rel <= 1e-5), through the XLA attention and the Pallas Triton kernel in
-interpret mode (the TPU kernel's interpreter takes about a minute a case on 2 cores; both
+interpret mode, and once through the TPU kernel's interpreter (a slow test; both
 kernels' queries-shorter-than-keys path, the one used here, is tested against the reference
 in test_kernels_attention.py). Rows 0-1 are packed (several documents, padding), rows 2-3 one
 document each (the same as no segment ids). The compiled program communicates the latent +
@@ -78,16 +78,23 @@ def _collectives(hlo: str):
   return out
 
 
+# Context 2, 4 and 8, alone and with fsdp / expert / tensor, each through the XLA attention and
+# the Triton kernel; the TPU kernel's interpreter (about a minute on 2 cores) once.
+MESHES = [MeshConfig(context=2, fsdp=1), MeshConfig(context=4, fsdp=1),
+          MeshConfig(context=8, fsdp=1), MeshConfig(context=4, fsdp=2),
+          MeshConfig(context=2, expert=2, tensor=2, fsdp=1), MeshConfig(context=2, fsdp=2, expert=2)]
+
+
 @pytest.mark.parametrize("mesh_cfg, impl", [
-    (MeshConfig(context=8, fsdp=1), "reference"),
-    (MeshConfig(context=4, fsdp=2), "pallas_triton"),
-    (MeshConfig(context=2, expert=2, tensor=2, fsdp=1), "pallas_triton"),
+    *((m, impl) for m in MESHES for impl in ("reference", "pallas_triton")),
+    pytest.param(MeshConfig(context=2, fsdp=4), "pallas_tpu", marks=pytest.mark.slow),
 ], ids=lambda x: x if isinstance(x, str) else f"c{x.context}f{x.fsdp}e{x.expert}t{x.tensor}")
 def test_loss_and_grads_equal_unsharded(reference, mesh_cfg, impl):
   graphdef, params, batch, ref_loss, ref_metrics, ref_grads = reference
   cfg = dataclasses.replace(CFG, attention_impl=impl)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(cfg, seed=1)))
-  mesh = make_mesh(mesh_cfg)
+  n = mesh_cfg.context * mesh_cfg.fsdp * mesh_cfg.expert * mesh_cfg.tensor
+  mesh = make_mesh(mesh_cfg, jax.devices()[:n])   # context alone: on the first 2 or 4 devices
   check_fit(mesh, cfg, batch_size=ROWS, seq_len=SEQ)
   shardings = to_shardings(param_specs(abstract_model(cfg)[1], mesh), mesh)
   with jax.set_mesh(mesh):

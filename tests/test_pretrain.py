@@ -164,6 +164,54 @@ def test_distributed_environment_must_be_complete():
   assert initialize_from_env({}) is False
 
 
+class _OnHosts:
+  """A sharding whose devices (ids 0-7) live on hosts id // per_host (stand-in devices)."""
+
+  def __init__(self, sharding, per_host):
+    self.sharding, self.per_host = sharding, per_host
+
+  def devices_indices_map(self, shape):
+    host = lambda d: type("Device", (), {"process_index": d.id // self.per_host})()
+    return {host(d): i for d, i in self.sharding.devices_indices_map(shape).items()}
+
+
+@pytest.mark.parametrize("mesh_cfg, per_host, want", [
+    (MeshConfig(fsdp=8), 4, [(0, 2, 0), (1, 2, 4)]),          # rows split over the hosts
+    (MeshConfig(fsdp=2, context=4), 2, [(0, 2, 0), (0, 2, 0), (1, 2, 4), (1, 2, 4)]),
+    (MeshConfig(context=8, fsdp=1), 4, [(0, 1, 0), (0, 1, 0)]),   # sequence over the hosts
+    (MeshConfig(fsdp=4, tensor=2), 1, [(i // 2, 4, 2 * (i // 2)) for i in range(8)]),
+])
+def test_host_rows_follow_the_mesh(monkeypatch, mesh_cfg, per_host, want):
+  """Which block of the batch's rows each host feeds: the hosts holding the same rows feed the
+  same shard (two real processes: test_pretrain_resume.test_two_processes_equal_one)."""
+  from jax.sharding import NamedSharding
+  from coder_jax.parallel.distributed import host_rows
+  from coder_jax.parallel.mesh import make_mesh
+  from coder_jax.parallel.rules import logical_to_spec
+  from coder_jax.train.step import TOKEN_AXES
+  mesh = make_mesh(mesh_cfg)
+  shape = (8, 16)
+  sharding = NamedSharding(mesh, logical_to_spec(TOKEN_AXES, shape, mesh))
+  got = []
+  for host in range(8 // per_host):
+    monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+    got.append(host_rows(_OnHosts(sharding, per_host), shape))
+  assert got == want
+
+
+def test_host_rows_refuses_interleaved_rows():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from coder_jax.parallel.distributed import host_rows
+  from coder_jax.parallel.mesh import make_mesh
+  mesh = make_mesh(MeshConfig(fsdp=8))
+  sharding = NamedSharding(mesh, P("fsdp"))
+  odd_even = type("S", (), {"devices_indices_map": lambda self, shape: {
+      type("Device", (), {"process_index": d.id % 2})(): i
+      for d, i in sharding.devices_indices_map(shape).items()}})()
+  with pytest.raises(ValueError, match="not equal contiguous blocks"):
+    host_rows(odd_even, (8, 4))
+
+
 def test_dry_run_needs_a_stage_that_has_one(capsys):
   gin.clear_config()
   try:

@@ -108,9 +108,15 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, sig
   assert f"restored step {step}" in out and f"finished step {step + 2}" in out
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("mesh, data_shards", [
+    ("expert=2", 2),
+    # The sequence split over 8 devices on both hosts: the batch is not split, so both hosts
+    # feed the same rows (one data shard) and each device takes its part of the sequence.
+    pytest.param("context=8", 1, marks=pytest.mark.slow)])
+def test_two_processes_equal_one(tmp_path, mesh, data_shards):
+  import json
   common = ("--gin.DATA_DIR='unused'", "--gin.TRAIN_STEPS=3", "--gin.pretrain.data=@SyntheticData()",
-            "--gin.mesh_config.expert=2")
+            f"--gin.mesh_config.{mesh}")
   procs = [subprocess.Popen(_cmd(tmp_path / "two", *common), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env=_env(4, CODER_JAX_COORDINATOR="127.0.0.1:%d" % (20000 + os.getpid() % 20000),
@@ -125,6 +131,10 @@ def test_two_processes_equal_one(tmp_path):
   for s in one:
     np.testing.assert_allclose(two[s]["loss"], one[s]["loss"], rtol=1e-5)
     np.testing.assert_allclose(two[s]["grad_norm"], one[s]["grad_norm"], rtol=1e-5)
+  # The checkpoint keeps one data position per data shard, in shard order.
+  saved = json.load(open(tmp_path / "two" / "checkpoints" / "3" / "data" / "metadata"))
+  assert len(saved["hosts"]) == data_shards
+  assert [h["batches"] for h in saved["hosts"]] == [3] * data_shards
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(data_dir):

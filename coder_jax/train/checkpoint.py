@@ -110,11 +110,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, model_cfg, *, force: bool = False) -> bool:
-    """Every process calls this at the same steps. With several processes each one's data
-    position is kept (under "hosts", in process order): their streams differ."""
+  def save(self, step: int, state, data_state: dict, model_cfg, *, force: bool = False,
+           data_shard: tuple[int, int] | None = None) -> bool:
+    """Every process calls this at the same steps. With several processes each data shard's
+    position is kept (under "hosts", in shard order): their streams differ. data_shard: this
+    process's (shard, num_shards) of the data (default: its process index of the count);
+    processes feeding the same shard hold the same position."""
     if jax.process_count() > 1:
-      data_state = {**data_state, "hosts": gather_json(data_state)}
+      shard, n = data_shard or (jax.process_index(), jax.process_count())
+      hosts = [None] * n
+      for s, position in gather_json([shard, data_state]):
+        hosts[s] = position
+      data_state = {**data_state, "hosts": hosts}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         model_config=ocp.args.JsonSave(config_to_dict(model_cfg))), force=force)

@@ -39,12 +39,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from coder_jax.files import write_atomic
 from coder_jax.model.config import ConfigError, YarnConfig, get_config
 from coder_jax.model.decoder import DeepseekV2
+from coder_jax.parallel.distributed import host_rows, place_rows
 from coder_jax.parallel.rules import logical_to_spec
 from coder_jax.train import state as train_state
 from coder_jax.train.checkpoint import (Checkpointer, PreemptionGuard, load_params,
                                         read_model_config, record_tokenizer)
 from coder_jax.train.flops import peak_flops_per_device
 from coder_jax.train.metrics import MetricsLog, Progress
+from coder_jax.train.step import TOKEN_AXES
 
 # ModelConfig fields a run config may set on top of an architecture read from a checkpoint.
 RUNTIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "moe_impl",
@@ -212,9 +214,9 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
   a terminal it is rewritten at every logged step)."""
   if train_steps < 1 or checkpoint_every < 1:
     raise ValueError("train_steps and checkpoint_every must be >= 1")
-  nproc = jax.process_count()
-  if batch_size % nproc:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the {nproc} hosts")
+  _, num_shards, _ = batch_rows_of_host(mesh, batch_size, seq_len)
+  if batch_size % num_shards:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {num_shards} hosts")
   check_model_dir(model_dir)
   write_gin_config(model_dir)
   ckpt = Checkpointer(model_dir, every=checkpoint_every, keep=keep_checkpoints,
@@ -233,6 +235,12 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
     ckpt.close()   # also on errors: an open async manager buries them in shutdown noise
 
 
+def batch_rows_of_host(mesh, batch_size: int, seq_len: int) -> tuple[int, int, int]:
+  """(shard, num_shards, first row) of the token rows this host feeds (`host_rows`)."""
+  shape = (batch_size, seq_len)
+  return host_rows(NamedSharding(mesh, logical_to_spec(TOKEN_AXES, shape, mesh)), shape)
+
+
 def jit_step(step, shardings, mesh):
   """The train step jitted as every run (and --compile_topology) runs it: the state in its
   shardings and donated, the batch as placed, the metrics replicated."""
@@ -245,7 +253,6 @@ def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, 
          max_consecutive_nonfinite, nan_injection_steps, flops_per_token,
          peak_tflops_per_device, stop_after, evaluate, progress_every_s) -> dict:
   primary = jax.process_index() == 0
-  nproc = jax.process_count()
   graphdef, abstract, specs = train_state.state_specs(cfg, optimizer, mesh, model_cls)
   shardings = train_state.to_shardings(specs, mesh)
   with jax.set_mesh(mesh):
@@ -261,9 +268,12 @@ def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, 
                                            model_cls=model_cls)
       start_batch = 0
   start = int(jax.device_get(state["step"]))
-  stream = data.open(model_vocab=cfg.vocab_size, batch_rows=batch_size // nproc,
-                          seq_len=seq_len, shard=jax.process_index(), num_shards=nproc,
-                          start_batch=start_batch)
+  # The rows this host feeds: with the batch split over fewer groups than hosts (a context or
+  # tensor axis spanning hosts), hosts holding the same rows load the same rows.
+  shard, num_shards, first_row = batch_rows_of_host(mesh, batch_size, seq_len)
+  stream = data.open(model_vocab=cfg.vocab_size, batch_rows=batch_size // num_shards,
+                     seq_len=seq_len, shard=shard, num_shards=num_shards,
+                     start_batch=start_batch)
   if restored is not None and hasattr(stream, "seek"):   # constant-time resume (data/stream.py)
     stream.seek(data_pos)
   tok_path = getattr(stream, "tokenizer_path", None)
@@ -274,11 +284,14 @@ def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, 
 
   def place(key, local):
     """The global array of this host's rows of `key`, laid out by the objective's axes."""
+    shape = (local.shape[0] * num_shards,) + local.shape[1:]
     if key not in placement:
-      shape = (local.shape[0] * nproc,) + local.shape[1:]
       placement[key] = NamedSharding(mesh, logical_to_spec(objective.batch_axes[key], shape,
                                                            mesh))
-    return jax.make_array_from_process_local_data(placement[key], local)
+      if host_rows(placement[key], shape) != (shard, num_shards, first_row):
+        raise ValueError(f"batch key {key!r} {shape} is laid out over other hosts' rows than "
+                         "the tokens are")
+    return place_rows(placement[key], shape, local, first_row)
 
   step_fn = jit_step(make_step(graphdef), shardings, mesh)
   peak = (peak_tflops_per_device * 1e12 if peak_tflops_per_device
@@ -358,8 +371,8 @@ def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, 
           # Periodic saves wait out a non-finite streak so rotation keeps the last good one; a
           # forced save is safe within it (skipped updates left parameters and optimizer alone).
           if forced or consecutive == 0:
-            if ckpt.save(step, state, {**stream.state(), **record}, cfg,
-                         force=forced):
+            if ckpt.save(step, state, {**stream.state(), **record}, cfg, force=forced,
+                         data_shard=(shard, num_shards)):
               last_saved = step
         if stop:
           reason = "preempted"
