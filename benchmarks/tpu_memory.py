@@ -46,6 +46,9 @@ ROWS = {
     # The smallest v5p slice that fits (aot.smallest_fit); the 236B preset drops tokens at
     # capacity 1.0 with device-limited routing (gin_configs/models/coder_v2.gin).
     "236b_4k_smallest": ("236B 4K, fsdp x expert 8, capacity 1.0", BIG, "v5p-auto", []),
+    # The same on the slice found above, with the earlier per-pair capacity rule.
+    "236b_4k_pair_rule": ("236B 4K, fsdp x expert 8, capacity 1.0, pair rule", BIG, "v5p-256",
+                          ["--gin.model_config.capacity_rule='pair'"]),
 }
 
 

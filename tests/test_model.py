@@ -144,8 +144,8 @@ def test_router_stats_exclude_padding():
 
 def test_scan_unrolled_and_moe_impls_agree():
   ids = jnp.asarray(np.random.default_rng(5).integers(0, 512, (2, 16)))
-  base = np.asarray(init_model(TINY, seed=2)(ids))
-  for kw in (dict(scan_layers=False), dict(moe_impl="dense"), dict(moe_impl="tiled")):
+  base = np.asarray(init_model(TINY.replace(scan_layers=True), seed=2)(ids))
+  for kw in (dict(scan_layers=False), dict(), dict(moe_impl="dense"), dict(moe_impl="tiled")):
     other = np.asarray(init_model(TINY.replace(**kw), seed=2)(ids))
     np.testing.assert_allclose(other, base, rtol=1e-5, atol=1e-5)
 
@@ -158,9 +158,11 @@ def _jaxpr_size(cfg):
 
 
 def test_traced_program_does_not_grow_with_depth():
-  shallow = _jaxpr_size(TINY.replace(num_hidden_layers=3))
-  deep = _jaxpr_size(TINY.replace(num_hidden_layers=24))
+  """With the layer scan; the default on a CPU target unrolls the layers."""
+  shallow = _jaxpr_size(TINY.replace(num_hidden_layers=3, scan_layers=True))
+  deep = _jaxpr_size(TINY.replace(num_hidden_layers=24, scan_layers=True))
   assert deep == shallow
+  assert _jaxpr_size(TINY.replace(num_hidden_layers=6)) > _jaxpr_size(TINY)
 
 
 _REMAT_IDS = jnp.asarray(np.random.default_rng(6).integers(0, 512, (2, 12)))
@@ -242,3 +244,25 @@ def test_tiled_experts_gradients_match_dense():
   g_dense = jax.grad(functools.partial(loss, dense_experts), argnums=(0, 1, 2, 3))(x, *ws)
   for a, b in zip(g_tiled, g_dense):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, contract", [
+    ((2, 5, 6), (6, 7), 1),            # [B, T, D] . [D, F]
+    ((2, 5, 3, 4), (3, 4, 6), 2),      # o_proj: [B, T, H, V] . [H, V, D]
+    ((2, 5, 6), (6, 3, 4), 1),         # q_proj: [B, T, D] . [D, H, K]
+    ((5, 6), (6, 7), 1),               # one token dim: nothing to flatten
+])
+def test_token_dot_equals_the_contraction(x_shape, w_shape, contract):
+  """token_dot (the projections' product, token dims flattened on an unsplit sequence) against
+  float64 numpy, and with float32 accumulation asked for."""
+  from coder_jax.model.layers import token_dot
+  rng = np.random.default_rng(3)
+  x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+  want = np.tensordot(x, w, contract)
+  got = token_dot(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), contract)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  half = token_dot(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), contract,
+                   preferred_element_type=jnp.float32)
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(half), want, rtol=0.05, atol=0.1)

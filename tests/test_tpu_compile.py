@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from coder_jax import main as entry
@@ -291,18 +292,25 @@ def test_topology_names_follow_cloud_tpu(name, chips, grid):
 
 def test_kernels_follow_the_mesh_not_the_host(v5p_chip):
   """One rule (pallas_kernels.backends.target_platform): under a TPU topology's mesh `auto` and
-  `pallas` mean the Mosaic kernels, compiled; under this machine's CPU mesh they stay the XLA
-  paths and the interpreter."""
+  `pallas` mean the Mosaic kernels, compiled, and the layers a scan; under this machine's CPU
+  mesh they stay the XLA paths and the interpreter, and the layers are unrolled."""
   from coder_jax.decode.attention import IMPLS, get_decode_attention
+  from coder_jax.model.config import get_config
+  from coder_jax.model.decoder import LayerStack
   from coder_jax.model.kernels import kernel_backend
   from pallas_kernels.backends import resolve_backend
   cpu = Mesh(np.array(jax.devices()[:1]), ("x",))
+  stack = lambda scan: LayerStack(get_config("tiny", scan_layers=scan), "dense", 2,
+                                  rngs=nnx.Rngs(0))
+  auto, scan, unrolled = stack(None), stack(True), stack(False)
   with jax.set_mesh(v5p_chip):
     assert kernel_backend(None) == ("tpu", False) and kernel_backend("triton") == ("triton", True)
     assert resolve_backend("op", None, False) == "tpu"
     assert get_decode_attention("auto") is IMPLS["pallas"]
+    assert (auto.scans(), scan.scans(), unrolled.scans()) == (True, True, False)
   with jax.set_mesh(cpu):
     assert kernel_backend(None) == ("triton", True) and kernel_backend("tpu") == ("tpu", True)
     assert resolve_backend("op", None, False) == "xla"
     assert get_decode_attention("auto") is IMPLS["reference"]
+    assert (auto.scans(), scan.scans(), unrolled.scans()) == (False, True, False)
   assert jax.default_backend() == "cpu"

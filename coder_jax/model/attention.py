@@ -12,7 +12,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from coder_jax.model.config import ModelConfig
-from coder_jax.model.layers import RMSNorm, dtype_of, normal_param
+from coder_jax.model.layers import RMSNorm, dtype_of, normal_param, token_dot
 from coder_jax.model.registry import ImplRegistry
 from coder_jax.model.rope import apply_rope
 from coder_jax.parallel.rules import context_size, unsplit_context
@@ -78,24 +78,24 @@ class MLAttention(nnx.Module):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     x = x_BTD.astype(dt)
     if cfg.q_lora_rank is None:
-      q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+      q = token_dot(x, self.q_proj[...].astype(dt))
     else:
-      qa = self.q_a_layernorm(x @ self.q_a_proj[...].astype(dt))
-      q = jnp.einsum("btr,rhk->bthk", qa, self.q_b_proj[...].astype(dt))
+      qa = self.q_a_layernorm(token_dot(x, self.q_a_proj[...].astype(dt)))
+      q = token_dot(qa, self.q_b_proj[...].astype(dt))
     n = cfg.qk_nope_head_dim
     return jnp.concatenate([q[..., :n], apply_rope(q[..., n:], cos, sin)], axis=-1)
 
   def latents(self, x_BTD, cos, sin):
     """The per-token cache entry: (normed latent [B, T, kv_lora_rank], rotated key [B, T, rope])."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-    ckv = x_BTD.astype(dt) @ self.kv_a_proj_with_mqa[...].astype(dt)
+    ckv = token_dot(x_BTD.astype(dt), self.kv_a_proj_with_mqa[...].astype(dt))
     r = cfg.kv_lora_rank
     return self.kv_a_layernorm(ckv[..., :r]), apply_rope(ckv[..., r:], cos, sin)
 
   def expand(self, latent_BSR, k_rope_BSK):
     """Latents -> per-head keys [B, S, H, qk_head_dim] and values [B, S, H, v_head_dim]."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-    kv = jnp.einsum("bsr,rhk->bshk", latent_BSR, self.kv_b_proj[...].astype(dt))
+    kv = token_dot(latent_BSR, self.kv_b_proj[...].astype(dt))
     n = cfg.qk_nope_head_dim
     k_nope, v = kv[..., :n], kv[..., n:]
     k_rope = jnp.broadcast_to(k_rope_BSK[:, :, None, :], k_nope.shape[:3] + k_rope_BSK.shape[-1:])
@@ -116,7 +116,7 @@ class MLAttention(nnx.Module):
       out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
                  scale=cfg.softmax_scale(), causal=True)
     out = checkpoint_name(out, "attn_out")
-    out = jnp.einsum("bthv,hvd->btd", out.astype(dt), self.o_proj[...].astype(dt))
+    out = token_dot(out.astype(dt), self.o_proj[...].astype(dt), contract=2)
     return (out, (latent, k_rope)) if return_cache else out
 
   def decode(self, x_B1D, cos, sin, cache_latent_BSR, cache_rope_BSK, positions_B, attend):

@@ -85,7 +85,9 @@ class ModelConfig:
   # -- runtime: how the same function is computed
   dtype: str = "float32"          # activations / matmul inputs
   param_dtype: str = "float32"    # stored weights (the router is always float32)
-  scan_layers: bool = True
+  # None: a lax.scan over the layers, except when compiling for the CPU, where they are
+  # unrolled (XLA:CPU copies each layer's slice of the stacked weights and residuals).
+  scan_layers: bool | None = None
   remat_policy: str = "none"
   attention_impl: str = "auto"   # see coder_jax/model/kernels.py
   moe_impl: str = "auto"

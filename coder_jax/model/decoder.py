@@ -14,7 +14,7 @@ from flax import nnx
 
 from coder_jax.model.attention import MLAttention
 from coder_jax.model.config import ModelConfig
-from coder_jax.model.layers import MLP, RMSNorm, dtype_of, normal_param
+from coder_jax.model.layers import MLP, RMSNorm, dtype_of, normal_param, token_dot
 from coder_jax.model.moe import MoE
 from coder_jax.model.rope import rope_tables
 from coder_jax.model import context
@@ -111,12 +111,23 @@ class LayerStack(nnx.Module):
 
     policy = self.cfg.remat_policy
     if policy != "none":
-      body = jax.checkpoint(body, policy=_REMAT[policy], prevent_cse=not self.cfg.scan_layers)
+      body = jax.checkpoint(body, policy=_REMAT[policy], prevent_cse=not self.scans())
     return self._layers(body, x, state)
 
+  def scans(self) -> bool:
+    """Whether the layers run as a `lax.scan`: cfg.scan_layers, or when that is None a scan
+    except on a CPU target. XLA:CPU materialises the scan's plumbing as copies: each layer's
+    slice of the stacked weights, and for the backward each layer's residuals stacked then
+    sliced out again (about 8% of a forward + backward of benchmarks/peer_cpu.py's model).
+    Accelerators keep the scan (one layer's code, compile time flat in depth)."""
+    if self.cfg.scan_layers is not None:
+      return bool(self.cfg.scan_layers)
+    from pallas_kernels.backends import target_platform
+    return target_platform() != "cpu"
+
   def _layers(self, body, x, xs):
-    """scan(body, x, xs) over the layers: a `lax.scan` when cfg.scan_layers, else unrolled."""
-    if self.cfg.scan_layers:
+    """scan(body, x, xs) over the layers: a `lax.scan` when `scans()`, else unrolled."""
+    if self.scans():
       return jax.lax.scan(body, x, xs)
     ys = []
     for i in range(self.n):
@@ -222,8 +233,7 @@ class DeepseekV2(nnx.Module):
   def logits(self, h_BTD):
     dt = dtype_of(self.cfg.dtype)
     w = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", h_BTD.astype(dt), w.astype(dt),
-                      preferred_element_type=jnp.float32)
+    return token_dot(h_BTD.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None, return_aux=False):
     h, aux = self.hidden_states(input_ids_BT, segment_ids_BT, positions_BT)

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from coder_jax.model.config import ModelConfig
-from coder_jax.model.layers import MLP, dtype_of, normal_param
+from coder_jax.model.layers import MLP, dtype_of, normal_param, token_dot
 from coder_jax.model.registry import ImplRegistry
 
 _MOE_IMPLS = ImplRegistry("moe_impl")
@@ -139,21 +139,24 @@ def _tile_swiglu_bwd(res, dy_TRD):
     row = jax.lax.dynamic_index_in_dim(acc, e, keepdims=False)
     return jax.lax.dynamic_update_index_in_dim(acc, row + v.astype(f32), e, 0)
 
-  def tile(c, x, e, g, u, dy):
-    dwg, dwu, dwd = c
+  def tile(x, e, g, u, dy):
     sig = jax.nn.sigmoid(g.astype(f32))
     silu = g.astype(f32) * sig
     dh = (dy @ wd[e].T).astype(f32)
     dg = (dh * u.astype(f32) * sig * (1 + g.astype(f32) * (1 - sig))).astype(x.dtype)
     du = (dh * silu).astype(x.dtype)
     h = (silu * u.astype(f32)).astype(x.dtype)
-    c = (add(dwg, e, x.T @ dg), add(dwu, e, x.T @ du), add(dwd, e, h.T @ dy))
-    return c, dg @ wg[e].T + du @ wu[e].T
+    return (x.T @ dg, x.T @ du, h.T @ dy), dg @ wg[e].T + du @ wu[e].T
+
+  def skip(x, e, g, u, dy):
+    return tuple(jnp.zeros(w.shape[1:], f32) for w in (wg, wu, wd)), jnp.zeros_like(x)
 
   def body(c, inp):
+    # The accumulators stay out of the cond: passed through a conditional, XLA:CPU copied
+    # all three (weight-sized) at every tile.
     i, x, e, g, u, dy = inp
-    return jax.lax.cond(i < used, lambda: tile(c, x, e, g, u, dy),
-                        lambda: (c, jnp.zeros_like(x)))
+    parts, dx = jax.lax.cond(i < used, tile, skip, x, e, g, u, dy)
+    return tuple(add(acc, e, p) for acc, p in zip(c, parts)), dx
 
   zeros = tuple(jnp.zeros(w.shape, f32) for w in (wg, wu, wd))
   (dwg, dwu, dwd), dx = jax.lax.scan(
@@ -231,7 +234,7 @@ class MoE(nnx.Module):
     from coder_jax.parallel.expert import (dropping_enabled, experts_forward, guarded_rows,
                                            route_local)
     # Kept [B, T, ...] (router fields too): flattening B x T would gather a context-split T.
-    logits = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.gate[...])
+    logits = token_dot(x_BTD.astype(jnp.float32), self.gate[...])
     r = route_local(jax.vmap(lambda l: route(l, cfg)), logits)
     affinity = jnp.take_along_axis(r.scores_NE, r.experts_NK, axis=-1)
     valid = segment_ids_BT[..., None] > 0 if segment_ids_BT is not None else True
