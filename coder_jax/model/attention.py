@@ -38,14 +38,17 @@ def attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal: bool = True):
 
 def xla_attention(q_BTHK, k_BSHK, v_BSHV, *, q_segment_ids_BT, kv_segment_ids_BS, scale: float,
                   causal: bool = True):
-  """Plain softmax attention in float32 logits; the reference every kernel is tested against."""
-  logits = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
-                      preferred_element_type=jnp.float32) * scale
+  """Plain softmax attention in float32 logits; the reference every kernel is tested against.
+  Heads move in front of the length first: with [B, T, H, ...] operands XLA:CPU wrote the
+  probabilities-times-values product as [B, H, V, T] and ran it at a quarter of the speed
+  (3.5x the forward of 8 x 256 tokens, 8 heads)."""
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BTHK, k_BSHK, v_BSHV))
+  logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * scale
   mask = attention_mask(q_segment_ids_BT, kv_segment_ids_BS, causal)
   logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSHV.dtype)
-  return jnp.einsum("bhts,bshv->bthv", probs, v_BSHV, preferred_element_type=jnp.float32
-                    ).astype(v_BSHV.dtype)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhts,bhsv->bhtv", probs, v, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out, 1, 2).astype(v_BSHV.dtype)
 
 
 register_attention_impl("xla", xla_attention)
