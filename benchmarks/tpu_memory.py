@@ -49,6 +49,9 @@ ROWS = {
     # The same on the slice found above, with the earlier per-pair capacity rule.
     "236b_4k_pair_rule": ("236B 4K, fsdp x expert 8, capacity 1.0, pair rule", BIG, "v5p-256",
                           ["--gin.model_config.capacity_rule='pair'"]),
+    # ... and with the worst-case dispatch buffers of before the ragged dispatch.
+    "236b_4k_worst_case": ("236B 4K, fsdp x expert 8, capacity 1.0, worst-case buffers", BIG,
+                           "v5p-256", ["--gin.model_config.dispatch_headroom=None"]),
 }
 
 
