@@ -107,7 +107,11 @@ def test_chunked_loss_peak_memory_is_bounded_by_the_chunk():
   plain, chunked = temp_bytes(objective(None)), temp_bytes(objective(chunk))
   logits_bytes, chunk_bytes = t * vocab * 4, chunk * vocab * 4
   assert plain - base >= logits_bytes, (plain, base)
-  assert chunked - base <= 2 * chunk_bytes, (chunked, base)
+  # Slack of one [T, hidden] float32 activation: the two programs are scheduled apart, and
+  # which of the network's small buffers are live beside the head's differs (a [T, kv_lora]
+  # one, 0.26 MB, since the projections flatten their token dims).
+  slack = t * cfg.hidden_size * 4
+  assert chunked - base <= 2 * chunk_bytes + slack, (chunked, base)
 
 
 def test_loss_chunk_size_must_be_positive():
