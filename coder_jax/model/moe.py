@@ -233,7 +233,8 @@ class MoE(nnx.Module):
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     from coder_jax.parallel.expert import (dropping_enabled, experts_forward, guarded_rows,
                                            route_local)
-    # Kept [B, T, ...] (router fields too): flattening B x T would gather a context-split T.
+    # The router fields stay [B, T, ...]: flattening B x T would gather a context-split T
+    # (token_dot flattens only an unsplit one).
     logits = token_dot(x_BTD.astype(jnp.float32), self.gate[...])
     r = route_local(jax.vmap(lambda l: route(l, cfg)), logits)
     affinity = jnp.take_along_axis(r.scores_NE, r.experts_NK, axis=-1)

@@ -214,9 +214,10 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
   a terminal it is rewritten at every logged step)."""
   if train_steps < 1 or checkpoint_every < 1:
     raise ValueError("train_steps and checkpoint_every must be >= 1")
-  _, num_shards, _ = batch_rows_of_host(mesh, batch_size, seq_len)
-  if batch_size % num_shards:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the {num_shards} hosts")
+  # The rows this host feeds: with the batch split over fewer groups than hosts (a context or
+  # tensor axis spanning hosts), hosts holding the same rows load the same rows. host_rows
+  # refuses a layout whose blocks are not equal, so the blocks divide the batch.
+  host_block = batch_rows_of_host(mesh, batch_size, seq_len)
   check_model_dir(model_dir)
   write_gin_config(model_dir)
   ckpt = Checkpointer(model_dir, every=checkpoint_every, keep=keep_checkpoints,
@@ -224,7 +225,8 @@ def run(*, model_dir: str, cfg, optimizer, schedule, mesh, objective, data, batc
   try:
     return _run(
         ckpt, model_dir=model_dir, cfg=cfg, optimizer=optimizer, mesh=mesh, objective=objective,
-        data=data, batch_size=batch_size, seq_len=seq_len, train_steps=train_steps,
+        data=data, batch_size=batch_size, seq_len=seq_len, host_block=host_block,
+        train_steps=train_steps,
         make_step=make_step, seed=seed, params=params, model_cls=model_cls,
         checkpoint_every=checkpoint_every, log_every=log_every,
         max_consecutive_nonfinite=max_consecutive_nonfinite,
@@ -249,8 +251,8 @@ def jit_step(step, shardings, mesh):
 
 
 def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, seq_len,
-         train_steps, make_step, seed, params, model_cls, checkpoint_every, log_every,
-         max_consecutive_nonfinite, nan_injection_steps, flops_per_token,
+         host_block, train_steps, make_step, seed, params, model_cls, checkpoint_every,
+         log_every, max_consecutive_nonfinite, nan_injection_steps, flops_per_token,
          peak_tflops_per_device, stop_after, evaluate, progress_every_s) -> dict:
   primary = jax.process_index() == 0
   graphdef, abstract, specs = train_state.state_specs(cfg, optimizer, mesh, model_cls)
@@ -268,9 +270,7 @@ def _run(ckpt, *, model_dir, cfg, optimizer, mesh, objective, data, batch_size, 
                                            model_cls=model_cls)
       start_batch = 0
   start = int(jax.device_get(state["step"]))
-  # The rows this host feeds: with the batch split over fewer groups than hosts (a context or
-  # tensor axis spanning hosts), hosts holding the same rows load the same rows.
-  shard, num_shards, first_row = batch_rows_of_host(mesh, batch_size, seq_len)
+  shard, num_shards, first_row = host_block
   stream = data.open(model_vocab=cfg.vocab_size, batch_rows=batch_size // num_shards,
                      seq_len=seq_len, shard=shard, num_shards=num_shards,
                      start_batch=start_batch)
