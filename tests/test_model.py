@@ -239,9 +239,21 @@ def test_tiled_experts_gradients_match_dense():
   def loss(impl, x, *ws):
     return jnp.sum(jnp.sin(impl(x, experts, weights, *ws, dtype=jnp.float32)))
 
-  g_tiled = jax.grad(functools.partial(loss, functools.partial(tiled_experts, tile=4)),
-                     argnums=(0, 1, 2, 3))(x, *ws)
   g_dense = jax.grad(functools.partial(loss, dense_experts), argnums=(0, 1, 2, 3))(x, *ws)
+  # tile 1: groups of ~8 copies run as chunks of 4 then 1; tile 3: chunks of 3 that run past a
+  # group's end into the next group's rows; tile 4: whole groups in one chunk of 16 or less.
+  for tile in (1, 3, 4):
+    g_tiled = jax.grad(functools.partial(loss, functools.partial(tiled_experts, tile=tile)),
+                       argnums=(0, 1, 2, 3))(x, *ws)
+    for a, b in zip(g_tiled, g_dense):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # An expert no copy goes to (4 here) gets a zero gradient, as in the dense product.
+  experts = jnp.where(experts == 4, 0, experts)
+  experts = experts.at[:, 1].set(jnp.where(experts[:, 0] == experts[:, 1], 1, experts[:, 1]))
+  g_dense = jax.grad(functools.partial(loss, dense_experts), argnums=(0, 1, 2, 3))(x, *ws)
+  g_tiled = jax.grad(functools.partial(loss, functools.partial(tiled_experts, tile=2)),
+                     argnums=(0, 1, 2, 3))(x, *ws)
+  assert not np.asarray(g_tiled[1][4]).any()
   for a, b in zip(g_tiled, g_dense):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 

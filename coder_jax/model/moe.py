@@ -6,6 +6,7 @@ An expert implementation is any function with the signature of `ragged_experts`;
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -58,6 +59,40 @@ def route(logits_NE, cfg: ModelConfig) -> RouterOutput:
   return RouterOutput(scores, experts.astype(jnp.int32), weights)
 
 
+def sort_permutation(flat_M):
+  """(order, inverse): the stable sort of the copies' expert ids and its inverse permutation."""
+  order = jnp.argsort(flat_M, stable=True)
+  return order, jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def _take_rows_impl(x_RD, index_M, inverse, k):
+  return x_RD[index_M // k]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x_RD, index_M, inverse_M, k: int):
+  """x[index // k], where `index` is a permutation of the R*k copies of x's R rows (copy c of row
+  c // k) and `inverse` its inverse. The gradient is a gather too (JAX's own is a scatter-add,
+  slow on CPU and GPU): d x[r] = sum over j < k of d out[inverse[r*k + j]]."""
+  return _take_rows_impl(x_RD, index_M, inverse_M, k)
+
+
+def _take_rows_fwd(x_RD, index_M, inverse_M, k):
+  return _take_rows_impl(x_RD, index_M, inverse_M, k), (index_M, inverse_M)
+
+
+def _take_rows_bwd(k, res, d_MD):
+  index_M, inverse_M = res
+  # k gathers added in one fusion (one gather then a sum over k is 3x slower on XLA:CPU).
+  by_copy = inverse_M.reshape(-1, k)
+  dx = sum(d_MD[by_copy[:, j]].astype(jnp.float32) for j in range(k)).astype(d_MD.dtype)
+  none = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return dx, none(index_M), none(inverse_M)
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def sorted_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype,
                    matmul=jax.lax.ragged_dot):
   """Sort token copies by expert, run each expert's SwiGLU with a grouped matmul
@@ -65,15 +100,14 @@ def sorted_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EF
   n, k = experts_NK.shape
   e = w_gate_EDF.shape[0]
   flat = experts_NK.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  # The inverse permutation turns the unsort into a gather (GPU scatters are slow).
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-  xs = x_ND.astype(dtype)[order // k]
+  # Both reorderings and their gradients are gathers (GPU scatters are slow).
+  order, inverse = sort_permutation(flat)
+  xs = take_rows(x_ND.astype(dtype), order, inverse, k)
   sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
   g = matmul(xs, w_gate_EDF.astype(dtype), sizes)
   u = matmul(xs, w_up_EDF.astype(dtype), sizes)
   y = matmul(jax.nn.silu(g) * u, w_down_EFD.astype(dtype), sizes)
-  y = y[inverse].reshape(n, k, -1)
+  y = take_rows(y, inverse, order, 1).reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
 
@@ -108,76 +142,98 @@ def _swiglu_tile(x_RD, wg_DF, wu_DF, wd_FD):
   return g, u, (jax.nn.silu(g) * u) @ wd_FD
 
 
-@jax.custom_vjp
-def _tile_swiglu(x_TRD, expert_T, used, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """y[t] = SwiGLU of tile x[t] with expert expert_T[t]'s weights, one `lax.scan` step per tile;
-  tiles from `used` on are empty (zeros out, no work). The gradient is written by hand: JAX's
-  own transpose of the scan stacks one weight-sized cotangent per tile ([tiles, D, F], then
-  summed per expert); this one adds each tile's into its expert's slot of a float32 carry."""
-  return _tile_swiglu_fwd(x_TRD, expert_T, used, w_gate_EDF, w_up_EDF, w_down_EFD)[0]
+def _each_chunk(body, carry, starts_E, sizes_E, weights, chunks, local):
+  """Experts in order, and for each the chunks of rows covering its group (rows start..start+size
+  of the expert-sorted copies): `chunks[0]` rows at a time while a whole chunk is left, then the
+  next size, the last size for the rest. carry, local = body(carry, local, row, rows, end,
+  expert_weights); `local` starts from the given value for every expert and is returned stacked
+  ([E, ...]). A last chunk may run past its group into later groups' rows: whatever it writes
+  there is written again when their expert comes, so every row ends with its own expert's."""
+
+  def expert(carry, inp):
+    start, size, w = inp
+    end = start + size
+    state = (carry, local, start)
+    for j, c in enumerate(chunks):
+      left = end - state[2]
+      n = (left + c - 1) // c if j == len(chunks) - 1 else left // c
+
+      def step(_, s, c=c):
+        carry, acc, row = s
+        return (*body(carry, acc, row, c, end, w), row + c)
+
+      state = jax.lax.fori_loop(0, n, step, state)
+    return state[0], state[1]
+
+  return jax.lax.scan(expert, carry, (starts_E, sizes_E, weights))
 
 
-def _tile_swiglu_fwd(x_TRD, expert_T, used, wg, wu, wd):
-  t, r, _ = x_TRD.shape
-  f = wg.shape[-1]
-
-  def body(_, inp):
-    i, x, e = inp
-    return None, jax.lax.cond(
-        i < used, lambda: _swiglu_tile(x, wg[e], wu[e], wd[e]),
-        lambda: (jnp.zeros((r, f), x.dtype), jnp.zeros((r, f), x.dtype), jnp.zeros_like(x)))
-
-  _, (g, u, y) = jax.lax.scan(body, None, (jnp.arange(t), x_TRD, expert_T))
-  return y, (x_TRD, expert_T, used, g, u, wg, wu, wd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _chunked_swiglu(x_MD, starts_E, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, chunks):
+  """y[i] = SwiGLU of row i with its expert's weights; rows sorted by expert, expert e's group
+  at rows starts[e]..starts[e]+sizes[e]. Each expert's weights are sliced once and its rows run
+  in chunks (`_each_chunk`): no group is padded and no chunk has two experts. The gradient is
+  written by hand: each expert's weight gradient is summed in a float32 loop carry."""
+  return _chunked_swiglu_fwd(x_MD, starts_E, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
+                             chunks)[0]
 
 
-def _tile_swiglu_bwd(res, dy_TRD):
-  x_TRD, expert_T, used, g_TRF, u_TRF, wg, wu, wd = res
-  f32 = jnp.float32
+def _chunked_swiglu_fwd(x_MD, starts_E, sizes_E, wg, wu, wd, chunks):
+  (m, d), f, pad = x_MD.shape, wg.shape[-1], max(chunks)
+  xp = jnp.concatenate([x_MD, jnp.zeros((pad, d), x_MD.dtype)])
 
-  def add(acc, e, v):
-    row = jax.lax.dynamic_index_in_dim(acc, e, keepdims=False)
-    return jax.lax.dynamic_update_index_in_dim(acc, row + v.astype(f32), e, 0)
+  def body(bufs, local, row, rows, end, w):
+    out = _swiglu_tile(jax.lax.dynamic_slice_in_dim(xp, row, rows), *w)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(b, o, row, 0)
+                 for b, o in zip(bufs, out)), local
 
-  def tile(x, e, g, u, dy):
-    sig = jax.nn.sigmoid(g.astype(f32))
-    silu = g.astype(f32) * sig
-    dh = (dy @ wd[e].T).astype(f32)
-    dg = (dh * u.astype(f32) * sig * (1 + g.astype(f32) * (1 - sig))).astype(x.dtype)
+  bufs = tuple(jnp.zeros((m + pad, n), x_MD.dtype) for n in (f, f, d))
+  (g, u, y), _ = _each_chunk(body, bufs, starts_E, sizes_E, (wg, wu, wd), chunks, ())
+  return y[:m], (xp, starts_E, sizes_E, g, u, wg, wu, wd)
+
+
+def _chunked_swiglu_bwd(chunks, res, dy_MD):
+  xp, starts_E, sizes_E, g_buf, u_buf, wg, wu, wd = res
+  f32, pad = jnp.float32, max(chunks)
+  dyp = jnp.concatenate([dy_MD, jnp.zeros((pad, dy_MD.shape[1]), dy_MD.dtype)])
+
+  def body(dx_buf, acc, row, rows, end, w):
+    wg_e, wu_e, wd_e = w
+    x, g, u, dy = (jax.lax.dynamic_slice_in_dim(a, row, rows) for a in (xp, g_buf, u_buf, dyp))
+    # Rows past the group belong to later experts: a zero cotangent keeps them out of this
+    # expert's gradients (and their dx, written here, is written again by their own expert).
+    dy = jnp.where((row + jnp.arange(rows) < end)[:, None], dy, 0)
+    g, u = g.astype(f32), u.astype(f32)
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    dh = (dy @ wd_e.T).astype(f32)
+    dg = (dh * u * sig * (1 + g * (1 - sig))).astype(x.dtype)
     du = (dh * silu).astype(x.dtype)
-    h = (silu * u.astype(f32)).astype(x.dtype)
-    return (x.T @ dg, x.T @ du, h.T @ dy), dg @ wg[e].T + du @ wu[e].T
+    h = (silu * u).astype(x.dtype)
+    acc = tuple(a + p.astype(f32) for a, p in zip(acc, (x.T @ dg, x.T @ du, h.T @ dy)))
+    dx = dg @ wg_e.T + du @ wu_e.T
+    return jax.lax.dynamic_update_slice_in_dim(dx_buf, dx, row, 0), acc
 
-  def skip(x, e, g, u, dy):
-    return tuple(jnp.zeros(w.shape[1:], f32) for w in (wg, wu, wd)), jnp.zeros_like(x)
-
-  def body(c, inp):
-    # The accumulators stay out of the cond: passed through a conditional, XLA:CPU copied
-    # all three (weight-sized) at every tile.
-    i, x, e, g, u, dy = inp
-    parts, dx = jax.lax.cond(i < used, tile, skip, x, e, g, u, dy)
-    return tuple(add(acc, e, p) for acc, p in zip(c, parts)), dx
-
-  zeros = tuple(jnp.zeros(w.shape, f32) for w in (wg, wu, wd))
-  (dwg, dwu, dwd), dx = jax.lax.scan(
-      body, zeros, (jnp.arange(x_TRD.shape[0]), x_TRD, expert_T, g_TRF, u_TRF, dy_TRD))
+  zeros = tuple(jnp.zeros(w.shape[1:], f32) for w in (wg, wu, wd))
+  dx, (dwg, dwu, dwd) = _each_chunk(body, jnp.zeros_like(dyp), starts_E, sizes_E, (wg, wu, wd),
+                                    chunks, zeros)
   none = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-  return (dx, none(expert_T), none(used), dwg.astype(wg.dtype), dwu.astype(wu.dtype),
-          dwd.astype(wd.dtype))
+  return (dx[:dy_MD.shape[0]], none(starts_E), none(sizes_E), dwg.astype(wg.dtype),
+          dwu.astype(wu.dtype), dwd.astype(wd.dtype))
 
 
-_tile_swiglu.defvjp(_tile_swiglu_fwd, _tile_swiglu_bwd)
+_chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 
 def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype,
                   tile: int = 128):
-  """Exact grouped SwiGLU without a dense lowering: token copies sorted by expert, each group
-  padded to whole tiles of `tile` rows, then one `lax.scan` step per tile multiplies the tile by
-  its single expert's weights (tiles past the last group's are skipped). Work is about N*k +
-  E*tile/2 rows (XLA:CPU lowers ragged_dot to a dense product over all E experts, which this
-  avoids). Few tokens (a decode step) take another path, chosen from the static shapes: fewer
-  copies than experts, the gathered experts (only the routed experts' weights are read); else,
-  when every expert on every token is fewer rows than the tiled bound, the dense product."""
+  """Exact grouped SwiGLU without a dense lowering: token copies sorted by expert, then a loop
+  over the experts that multiplies each group by its expert's weights in chunks of 4 * `tile`
+  rows and then `tile` rows (`_chunked_swiglu`). Work is at most N*k + E*tile rows (XLA:CPU
+  lowers ragged_dot to a dense product over all E experts, which this avoids). Few tokens (a
+  decode step) take another path, chosen from the static shapes: fewer copies than experts, the
+  gathered experts (only the routed experts' weights are read); else, when every expert on every
+  token is fewer rows than the chunked bound, the dense product."""
   n, k = experts_NK.shape
   e, d, _ = w_gate_EDF.shape
   m = n * k
@@ -189,21 +245,12 @@ def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
   if few is not None:
     return few(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, dtype=dtype)
   flat = experts_NK.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  sizes = jnp.bincount(flat, length=e)
-  padded = (sizes + tile - 1) // tile * tile
-  starts = jnp.cumsum(sizes) - sizes
-  pstarts = jnp.cumsum(padded) - padded
-  num_tiles = (m + tile - 1) // tile + e       # static bound on sum(padded) / tile (as above)
-  sorted_e = flat[order]
-  dest = pstarts[sorted_e] + jnp.arange(m) - starts[sorted_e]
-  xpad = jnp.zeros((num_tiles * tile, d), dtype).at[dest].set(x_ND.astype(dtype)[order // k])
-  tile_start = jnp.arange(num_tiles) * tile
-  tile_expert = jnp.clip(jnp.searchsorted(pstarts + padded, tile_start, side="right"), 0, e - 1)
-  y = _tile_swiglu(xpad.reshape(num_tiles, tile, d), tile_expert, jnp.sum(padded) // tile,
-                   w_gate_EDF.astype(dtype), w_up_EDF.astype(dtype), w_down_EFD.astype(dtype))
-  y = y.reshape(num_tiles * tile, d)[dest]
-  y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, d)
+  order, inverse = sort_permutation(flat)
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+  xs = take_rows(x_ND.astype(dtype), order, inverse, k)
+  y = _chunked_swiglu(xs, jnp.cumsum(sizes) - sizes, sizes, w_gate_EDF.astype(dtype),
+                      w_up_EDF.astype(dtype), w_down_EFD.astype(dtype), (4 * tile, tile))
+  y = take_rows(y, inverse, order, 1).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
 
