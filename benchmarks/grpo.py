@@ -239,8 +239,10 @@ class Pieces:
         rows=PROMPTS * GROUP, global_rows=PROMPTS * GROUP, shard=0, group_size=GROUP,
         prompt_slot=slot, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0,
         reward=stage.RewardConfig(rm_weight=0.0, functions=(clock.wrap("reward", reward_fn),)),
-        scorer=None, ref_logp=clock.wrap("reference", self.reference), updates=1, seed=0,
-        start_batch=0)
+        scorer=None, updates=1, seed=0, start_batch=0,
+        # Blocking on the reference here keeps the phases apart (the stage overlaps it with
+        # the reward, which here is too cheap to hide anything).
+        ref_logp=clock.wrap("reference", lambda b: jax.block_until_ready(self.reference(b))))
 
   def rollout(self) -> dict:
     """One batch of samples from the current policy, rewarded and laid out (numpy)."""

@@ -100,10 +100,14 @@ def main(argv=None):
 
   @jax.jit
   def loss_and_grad(params, ids):
+    # As transformers does: the targets move left and the last position gets weight 0 (no
+    # copy of the logits without their last position).
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
+    weights = jnp.ones(ids.shape).at[:, -1].set(0.0)
+
     def loss(p):
       logits = nnx.merge(graphdef, p)(ids)
-      return cross_entropy_sum(logits[:, :-1], ids[:, 1:], jnp.ones(ids[:, 1:].shape)) / (
-          ids.shape[0] * (ids.shape[1] - 1))
+      return cross_entropy_sum(logits, targets, weights) / (ids.shape[0] * (ids.shape[1] - 1))
     return jax.value_and_grad(loss)(params)
 
   ids_j, ids_t = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))

@@ -90,6 +90,37 @@ def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path):
   assert os.path.exists(tmp_path / "run" / "tokenizer.json")
 
 
+def test_the_reference_forward_is_dispatched_before_the_rewards(policy, tmp_path, monkeypatch):
+  """The reference forward needs no reward: the stage dispatches it first, so that it runs on
+  the device while the host scores the replies, and reads it after them (still masked)."""
+  import coder_jax.stages.grpo as stage
+  calls, made = [], stage._reference
+
+  def recording(*a, **kw):
+    fn = made(*a, **kw)
+
+    def ref_logp(batch):
+      calls.append("reference")
+      out = fn(batch)
+      calls.append(("ref_logp", out, batch["mask"]))
+      return out
+    return ref_logp
+
+  def scored(problems, replies):
+    calls.append("reward")
+    return reply_length(problems, replies)
+
+  monkeypatch.setattr(stage, "_reference", recording)
+  _grpo(policy, tmp_path / "run", 1, beta=0.04,
+        reward=RewardConfig(rm_weight=0.0, functions=(scored,)))
+  assert [c for c in calls if isinstance(c, str)] == ["reference", "reward"]
+  _, out, mask = calls[1]
+  assert not isinstance(out, np.ndarray)        # a device array, not waited for
+  assert np.asarray(out)[mask > 0].max() < 0    # log-probabilities where the replies are
+  m = read_metrics(tmp_path / "run")[1]
+  assert m["time_reference_s"] >= 0 and abs(m["kl"]) < 1e-6
+
+
 def test_updates_per_batch_reuse_one_sample(policy, tmp_path):
   _grpo(policy, tmp_path / "run", 2, updates_per_batch=2, beta=0.0)
   m = read_metrics(tmp_path / "run")

@@ -183,6 +183,10 @@ class Rollouts:
                        seed=self.seed * 1_000_003 + rollout * 64 + self.shard, mesh=self.mesh,
                        prompt_slot=self.prompt_slot, group_size=self.g)
     t1 = time.perf_counter()
+    batch = self._layout(prompts, out)
+    # The reference forward needs no reward: dispatched now, it runs on the device while the
+    # host computes the rewards (the sandbox runs one process per reply).
+    pending_ref = self.ref_logp(batch) if self.ref_logp is not None else None
     replies = [self.tok.decode(t) for t in out.tokens]
     group_problems = [p for p in probs for _ in range(self.g)]
     rewards = np.zeros(len(prompts), np.float32)
@@ -207,10 +211,9 @@ class Rollouts:
       if failed:
         metrics[f"reward_reason_{failed}"] = 1.0
     t2 = time.perf_counter()
-    batch = self._layout(prompts, out)
     batch["advantages"] = np.asarray(group_advantages(rewards, self.g), np.float32)
-    if self.ref_logp is not None:
-      batch["ref_logp"] = self.ref_logp(batch)
+    if pending_ref is not None:
+      batch["ref_logp"] = np.asarray(jax.device_get(pending_ref), np.float32) * batch["mask"]
     lengths = [len(t) + (f == "eos") for t, f in zip(out.tokens, out.finish_reason)]
     metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                    response_len=float(np.mean(lengths)), samples_per_s=len(prompts) / (t1 - t0),
@@ -400,8 +403,9 @@ def _reference(graphdef, cfg, params, temperature, start: int = 0):
                           temperature=temperature, start=start)
 
   def ref_logp(batch):
-    out = fn(params, *(jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids",
-                                                        "positions")))
-    return np.asarray(jax.device_get(out), np.float32) * batch["mask"]
+    """Dispatches the forward and returns its (not yet ready) [rows, seq] array; positions
+    outside the mask are not zeroed here."""
+    return fn(params, *(jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids",
+                                                         "positions")))
 
   return ref_logp
