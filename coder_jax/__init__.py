@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from coder_jax.runtime import keep_host_memory as _keep_host_memory
+
+_keep_host_memory()
+
 
 def generate(model, tokenizer, prompts, **kwargs):
   """Text completions with the latent KV cache; see `coder_jax.decode.generate`."""
