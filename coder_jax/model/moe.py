@@ -172,8 +172,9 @@ def _each_chunk(body, carry, starts_E, sizes_E, weights, chunks, local):
 def _chunked_swiglu(x_MD, starts_E, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, chunks):
   """y[i] = SwiGLU of row i with its expert's weights; rows sorted by expert, expert e's group
   at rows starts[e]..starts[e]+sizes[e]. Each expert's weights are sliced once and its rows run
-  in chunks (`_each_chunk`): no group is padded and no chunk has two experts. The gradient is
-  written by hand: each expert's weight gradient is summed in a float32 loop carry."""
+  in chunks (`_each_chunk`): no group is padded (rows a last chunk runs into past its group
+  are computed and written again by their own expert). The gradient is written by hand: each
+  expert's weight gradient is summed in a float32 loop carry."""
   return _chunked_swiglu_fwd(x_MD, starts_E, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
                              chunks)[0]
 
