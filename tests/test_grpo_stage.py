@@ -71,28 +71,11 @@ def _grpo(policy, model_dir, steps, **kw):
     gin.clear_config()
 
 
-def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path):
+def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path, monkeypatch):
   """The old log-probabilities come from the sampler; the update recomputes them with the
-  training forward: equal positions and values give ratio 1, and the policy is the reference."""
-  res = _grpo(policy, tmp_path / "run", 2, beta=0.04, temperature=0.9)
-  m = read_metrics(tmp_path / "run")
-  assert sorted(m) == [1, 2] and res["step"] == 2
-  first = m[1]
-  assert abs(first["ratio"] - 1.0) < 1e-4, first["ratio"]
-  assert first["clip_fraction"] == 0.0 and abs(first["kl"]) < 1e-6
-  for key in ("reward_mean", "reward_std", "response_len", "entropy", "samples_per_s",
-              "time_sampling_s", "time_reward_s", "time_wait_update_s", "kl", "clip_fraction",
-              "policy_loss"):
-    assert key in first, key
-  assert first["entropy"] > 0 and 0 < first["response_len"] <= 13
-  assert m[2]["kl"] >= 0
-  assert os.path.exists(tmp_path / "run" / "config.gin")
-  assert os.path.exists(tmp_path / "run" / "tokenizer.json")
-
-
-def test_the_reference_forward_is_dispatched_before_the_rewards(policy, tmp_path, monkeypatch):
-  """The reference forward needs no reward: the stage dispatches it first, so that it runs on
-  the device while the host scores the replies, and reads it after them (still masked)."""
+  training forward: equal positions and values give ratio 1, and the policy is the reference.
+  The reference forward needs no reward: the stage dispatches it first, so that it runs on the
+  device while the host scores the replies, and reads it after them (masked)."""
   import coder_jax.stages.grpo as stage
   calls, made = [], stage._reference
 
@@ -111,14 +94,25 @@ def test_the_reference_forward_is_dispatched_before_the_rewards(policy, tmp_path
     return reply_length(problems, replies)
 
   monkeypatch.setattr(stage, "_reference", recording)
-  _grpo(policy, tmp_path / "run", 1, beta=0.04,
-        reward=RewardConfig(rm_weight=0.0, functions=(scored,)))
-  assert [c for c in calls if isinstance(c, str)] == ["reference", "reward"]
+  res = _grpo(policy, tmp_path / "run", 2, beta=0.04, temperature=0.9,
+              reward=RewardConfig(rm_weight=0.0, functions=(scored,)))
+  assert [c for c in calls if isinstance(c, str)] == ["reference", "reward"] * 2
   _, out, mask = calls[1]
   assert not isinstance(out, np.ndarray)        # a device array, not waited for
   assert np.asarray(out)[mask > 0].max() < 0    # log-probabilities where the replies are
-  m = read_metrics(tmp_path / "run")[1]
-  assert m["time_reference_s"] >= 0 and abs(m["kl"]) < 1e-6
+  m = read_metrics(tmp_path / "run")
+  assert sorted(m) == [1, 2] and res["step"] == 2
+  first = m[1]
+  assert abs(first["ratio"] - 1.0) < 1e-4, first["ratio"]
+  assert first["clip_fraction"] == 0.0 and abs(first["kl"]) < 1e-6
+  for key in ("reward_mean", "reward_std", "response_len", "entropy", "samples_per_s",
+              "time_sampling_s", "time_reward_s", "time_reference_s", "time_wait_update_s", "kl",
+              "clip_fraction", "policy_loss"):
+    assert key in first, key
+  assert first["entropy"] > 0 and 0 < first["response_len"] <= 13
+  assert m[2]["kl"] >= 0
+  assert os.path.exists(tmp_path / "run" / "config.gin")
+  assert os.path.exists(tmp_path / "run" / "tokenizer.json")
 
 
 def test_updates_per_batch_reuse_one_sample(policy, tmp_path):
