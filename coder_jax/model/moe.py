@@ -65,20 +65,16 @@ def sort_permutation(flat_M):
   return order, jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-def _take_rows_impl(x_RD, index_M, inverse, k):
-  return x_RD[index_M // k]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def take_rows(x_RD, index_M, inverse_M, k: int):
   """x[index // k], where `index` is a permutation of the R*k copies of x's R rows (copy c of row
   c // k) and `inverse` its inverse. The gradient is a gather too (JAX's own is a scatter-add,
   slow on CPU and GPU): d x[r] = sum over j < k of d out[inverse[r*k + j]]."""
-  return _take_rows_impl(x_RD, index_M, inverse_M, k)
+  return x_RD[index_M // k]
 
 
 def _take_rows_fwd(x_RD, index_M, inverse_M, k):
-  return _take_rows_impl(x_RD, index_M, inverse_M, k), (index_M, inverse_M)
+  return x_RD[index_M // k], (index_M, inverse_M)
 
 
 def _take_rows_bwd(k, res, d_MD):
