@@ -17,6 +17,7 @@ from coder_jax.decode import (cache_bytes_per_token, cut_at_stop, filter_logits,
                               generate_ids, prefill, sample, values_per_token)
 from coder_jax.decode.attention import get_decode_attention
 from coder_jax.decode.generate import _decode_step, sampler_rows
+from coder_jax.decode.sampling import first_max
 from coder_jax.model import get_config, init_model
 
 TINY = get_config("tiny", dtype="float32", moe_impl="dense")
@@ -29,8 +30,8 @@ YARN = get_config("tiny", dtype="float32", moe_impl="dense", q_lora_rank=24,
 
 
 # The expert path decoding takes by default (`auto`: on CPU the tiled scan, which picks the
-# gathered experts for fewer copies than experts and the dense product for few rows) with
-# group-limited routing.
+# gathered experts for fewer copies than experts, the dense product for a few rows and the
+# slotted product for more) with group-limited routing.
 AUTO_GROUPS = get_config("tiny", dtype="float32", moe_impl="auto", q_lora_rank=24,
                          topk_method="group_limited_greedy", n_group=4, topk_group=2)
 
@@ -42,15 +43,16 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("cfg,lengths", [
     (TINY, [4, 13, 9]), (YARN, [4, 13, 9]), (AUTO_GROUPS, [4, 13, 9]), (AUTO_GROUPS, [7]),
-    (AUTO_GROUPS, [3, 16, 5, 9, 1, 12, 8, 2])],
+    (AUTO_GROUPS, [3, 16, 5, 9, 1, 12, 8, 2]), (AUTO_GROUPS, [3, 16, 5, 9, 1, 12] * 4)],
     ids=["tiny", "qlora_yarn", "auto_groups_gathered", "auto_groups_batch1",
-         "auto_groups_dense"])
+         "auto_groups_dense", "auto_groups_slotted"])
 def test_cached_decoding_equals_full_forward_at_every_position(cfg, lengths):
   """Rows of different prompt lengths, prefilled together, then fed the true next tokens one at
   a time: every step's logits equal the full forward's at that position, and its argmax the
   full forward's. With `auto` experts the decode steps take the gathered experts (fewer copies
-  than experts: 3 rows and 1 row x top-2 of 8) or the dense product (8 rows), the prefill the
-  tiled scan; the layers come sliced from the stacks or unstacked once (decode_layers)."""
+  than experts: 3 rows and 1 row x top-2 of 8), the dense product (8 rows) or the slotted one
+  (24 rows: 8 slots per expert, and the dense product at a step where a group is larger), the
+  prefill the tiled scan; the layers come sliced from the stacks or unstacked once (decode_layers)."""
   model = init_model(cfg, seed=1)
   rng = np.random.default_rng(0)
   b, lengths = len(lengths), np.array(lengths)
@@ -130,6 +132,16 @@ def test_filters_match_numpy(top_k, top_p):
   got = np.asarray(filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
   np.testing.assert_array_equal(np.isfinite(got), np.isfinite(_np_filter(logits, top_k, top_p)))
   np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
+
+
+def test_first_max_is_numpys_argmax_with_ties_and_infinities():
+  rng = np.random.default_rng(9)
+  x = rng.integers(-3, 4, size=(64, 37)).astype(np.float32)     # many ties per row
+  x[::5] = -np.inf
+  x[::5, ::3] = rng.normal(size=x[::5, ::3].shape)
+  x[1, :] = -np.inf                                               # a row of -inf only
+  x[2, 7] = np.inf
+  np.testing.assert_array_equal(np.asarray(first_max(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 def test_sampling_rules():

@@ -10,7 +10,8 @@ from flax import nnx
 
 from coder_jax.model import (ConfigError, get_config, init_model, register_attention_impl,
                              route, segment_positions, xla_attention)
-from coder_jax.model.moe import dense_experts, gathered_experts, ragged_experts, tiled_experts
+from coder_jax.model.moe import (dense_experts, gathered_experts, ragged_experts, slot_capacity,
+                                 slotted_experts, tiled_experts)
 
 TINY = get_config("tiny")
 
@@ -89,6 +90,13 @@ def test_ragged_experts_match_dense_and_numpy():
   for tile in (1, 4, 128):  # tiles smaller than, near and larger than the groups
     tiled = np.asarray(tiled_experts(*args, dtype=jnp.float32, tile=tile))
     np.testing.assert_allclose(tiled, ref, rtol=1e-4, atol=1e-5)
+  # Slots: 40 per expert hold every group (the largest has 24 copies); 8 do not, and the dense
+  # product runs instead. Both exact.
+  assert np.bincount(experts.ravel()).max() in range(9, 41) and slot_capacity(n, k, e) == 40
+  for cap in (40, 8):
+    slotted = np.asarray(jax.jit(functools.partial(slotted_experts, dtype=jnp.float32,
+                                                   capacity=cap))(*args))
+    np.testing.assert_allclose(slotted, ref, rtol=1e-4, atol=1e-5)
   unused = args[:1] + [jnp.zeros_like(args[1])] + args[2:]  # every copy to expert 0
   np.testing.assert_allclose(np.asarray(tiled_experts(*unused, dtype=jnp.float32, tile=8)),
                              np.asarray(dense_experts(*unused, dtype=jnp.float32)),
@@ -242,9 +250,12 @@ def test_tiled_experts_gradients_match_dense():
   g_dense = jax.grad(functools.partial(loss, dense_experts), argnums=(0, 1, 2, 3))(x, *ws)
   # tile 1: groups of ~8 copies run as chunks of 4 then 1; tile 3: chunks of 3 that run past a
   # group's end into the next group's rows; tile 4: whole groups in one chunk of 16 or less.
-  for tile in (1, 3, 4):
-    g_tiled = jax.grad(functools.partial(loss, functools.partial(tiled_experts, tile=tile)),
-                       argnums=(0, 1, 2, 3))(x, *ws)
+  assert np.bincount(np.asarray(experts).ravel()).max() in range(5, 17)
+  # Slots: 16 per expert hold every group, 4 do not (the dense product's gradients then).
+  paths = [functools.partial(tiled_experts, tile=tile) for tile in (1, 3, 4)]
+  paths += [functools.partial(slotted_experts, capacity=c) for c in (16, 4)]
+  for impl in paths:
+    g_tiled = jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3))(x, *ws)
     for a, b in zip(g_tiled, g_dense):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   # An expert no copy goes to (4 here) gets a zero gradient, as in the dense product.

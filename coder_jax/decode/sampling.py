@@ -31,20 +31,31 @@ def filter_logits(logits_BV, *, top_k, top_p):
   return jnp.where(logits_BV >= cut_B[:, None], logits_BV, -jnp.inf)
 
 
+def first_max(x_BV):
+  """[B] int32 index of each row's largest value, the first one on ties: jnp.argmax's answer
+  from a max and a min, where XLA:CPU runs argmax's paired (value, index) reduction unvectorised
+  (3 ms for 32 rows of 4096 here, against 0.3). A row holding NaN gives its last index."""
+  v = x_BV.shape[-1]
+  top = jnp.max(x_BV, axis=-1, keepdims=True)
+  idx = jnp.min(jnp.where(x_BV == top, jnp.arange(v, dtype=jnp.int32), v - 1), axis=-1)
+  return idx.astype(jnp.int32)
+
+
 def sample(logits_BV, key, *, temperature, top_k, top_p):
   """[B] int32 tokens. temperature, top_k, top_p: scalars or [B] arrays."""
   b = logits_BV.shape[0]
   temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
   top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
   top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  greedy_B = first_max(logits_BV)
   scaled = logits_BV.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
   # The filters sort the whole vocabulary; skip them (at run time: the settings are traced)
   # when no row asks for one, as GRPO's plain temperature sampling does not.
   filtered = jax.lax.cond(
       jnp.any((top_k > 0) | (top_p < 1)),
       lambda x: filter_logits(x, top_k=top_k[:, None], top_p=top_p[:, None]), lambda x: x, scaled)
-  drawn_B = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+  # Gumbel-max, as jax.random.categorical draws, with first_max for its argmax.
+  drawn_B = first_max(filtered + jax.random.gumbel(key, filtered.shape, jnp.float32))
   return jnp.where(temperature > 0, drawn_B, greedy_B)
 
 

@@ -133,6 +133,42 @@ def gathered_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
 
+def slot_capacity(n: int, k: int, e: int) -> int:
+  """Rows per expert in `slotted_experts`: twice the mean group (N k / E), a multiple of 8."""
+  return max(8, -(-2 * n * k // e // 8) * 8)
+
+
+def slotted_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, dtype,
+                    capacity: int):
+  """Each expert's copies in `capacity` slots, one batched product over [E, capacity] rows;
+  exact: when a group is larger (a step whose routing is that uneven), the dense product runs
+  instead (a `lax.cond`, so only one of the two runs). Pays between the gathered and the chunked
+  paths (a decode step of tens of rows): E * capacity rows where the dense product takes E * N."""
+  n, k = experts_NK.shape
+  e = w_gate_EDF.shape[0]
+  flat = experts_NK.reshape(-1)
+  onehot = flat[:, None] == jnp.arange(e, dtype=flat.dtype)[None, :]            # [M, E]
+  slot = jnp.sum(jnp.where(onehot, jnp.cumsum(onehot, axis=0) - 1, 0), axis=1)  # rank in group
+
+  def slotted(x_ND, weights_NK):
+    dest = flat * capacity + slot
+    # The token each slot holds; empty slots compute token 0's row, which nobody reads.
+    token = jnp.zeros((e * capacity,), jnp.int32).at[dest].set(
+        jnp.arange(n * k, dtype=jnp.int32) // k, unique_indices=True)
+    xs = x_ND.astype(dtype)[token].reshape(e, capacity, -1)
+    g = jnp.einsum("ecd,edf->ecf", xs, w_gate_EDF.astype(dtype))
+    u = jnp.einsum("ecd,edf->ecf", xs, w_up_EDF.astype(dtype))
+    y = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, w_down_EFD.astype(dtype))
+    y = y.reshape(e * capacity, -1)[dest].reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
+
+  def dense(x_ND, weights_NK):
+    return dense_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                         dtype=dtype)
+
+  return jax.lax.cond(jnp.max(slot) < capacity, slotted, dense, x_ND, weights_NK)
+
+
 def _swiglu_tile(x_RD, wg_DF, wu_DF, wd_FD):
   g, u = x_RD @ wg_DF, x_RD @ wu_DF
   return g, u, (jax.nn.silu(g) * u) @ wd_FD
@@ -229,16 +265,19 @@ def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
   rows and then `tile` rows (`_chunked_swiglu`). Work is at most N*k + E*tile rows (XLA:CPU
   lowers ragged_dot to a dense product over all E experts, which this avoids). Few tokens (a
   decode step) take another path, chosen from the static shapes: fewer copies than experts, the
-  gathered experts (only the routed experts' weights are read); else, when every expert on every
-  token is fewer rows than the chunked bound, the dense product."""
+  gathered experts (only the routed experts' weights are read); else, when the dense product
+  (every expert on every token) or the slotted one is fewer rows than the chunked bound, the
+  one with fewer rows."""
   n, k = experts_NK.shape
   e, d, _ = w_gate_EDF.shape
   m = n * k
+  cap = slot_capacity(n, k, e)
   few = None
   if m < e:
     few = gathered_experts
-  elif n * e <= ((m + tile - 1) // tile + e) * tile:
-    few = dense_experts
+  elif min(n, cap) * e <= ((m + tile - 1) // tile + e) * tile:
+    few = (dense_experts if n <= cap else
+           functools.partial(slotted_experts, capacity=cap))
   if few is not None:
     return few(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, dtype=dtype)
   flat = experts_NK.reshape(-1)
