@@ -222,12 +222,12 @@ class Pieces:
     self.objective = stage.grpo_objective(cfg, temperature=1.0, eps_low=0.2, eps_high=0.2,
                                           beta=BETA, aggregation="token_mean",
                                           alphas=BalanceLossConfig(0.0, 0.0, 0.0),
-                                          start=slot - 1)
+                                          start=slot - 1, group=GROUP)
     self.step_fn = jax.jit(make_step(self.graphdef, optimizer, schedule, self.objective),
                            in_shardings=(shardings, None),
                            out_shardings=(shardings, NamedSharding(self.mesh, P())),
                            donate_argnums=0)
-    self.reference = stage._reference(self.graphdef, cfg, params, 1.0, slot - 1)
+    self.reference = stage._reference(self.graphdef, cfg, params, 1.0, slot - 1, GROUP)
 
     def reward_fn(problems, replies):
       self.seen["problems"], self.seen["replies"] = problems, replies

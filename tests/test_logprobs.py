@@ -14,7 +14,7 @@ from flax import nnx
 
 from coder_jax.decode import generate_ids
 from coder_jax.model import get_config, init_model
-from coder_jax.model.logprobs import token_logprobs
+from coder_jax.model.logprobs import _shares_prefix, token_logprobs
 
 TINY = get_config("tiny", dtype="float32")
 B, T = 3, 14
@@ -116,6 +116,67 @@ def test_start_skips_earlier_positions_values_and_gradients(start):
       assert _rel(g, h) <= 1e-5
 
 
+def _grpo_rows(cfg, slot, t, group, prompt_lengths, seed):
+  """GRPO's layout: runs of `group` rows, one prompt each, left-padded (segment 0) to end at
+  column slot - 1, then a response of its own length (1 to t - slot) and right padding."""
+  rng = np.random.default_rng(seed)
+  rows = len(prompt_lengths) * group
+  inputs, seg, pos = (np.zeros((rows, t), np.int32) for _ in range(3))
+  for i, n in enumerate(prompt_lengths):
+    prompt = rng.integers(3, cfg.vocab_size, n)
+    for j in range(group):
+      row = np.concatenate([prompt, rng.integers(3, cfg.vocab_size, rng.integers(1, t - slot + 1))])
+      o, r = slot - n, i * group + j
+      inputs[r, o:o + len(row)], seg[r, o:o + len(row)] = row, 1
+      pos[r, o:o + len(row)] = np.arange(len(row))
+  targets = np.roll(inputs, -1, axis=1)
+  return [jnp.asarray(a) for a in (inputs, targets, seg, pos)]
+
+
+@pytest.mark.parametrize("cfg", [
+    get_config("tiny", dtype="float32", moe_impl="auto"),
+    get_config("tiny", dtype="float32", q_lora_rank=24, topk_method="group_limited_greedy",
+               n_group=4, topk_group=2, scan_layers=True, remat_policy="full")],
+    ids=["tiny_unrolled", "qlora_groups_scan_remat"])
+def test_shared_prompt_columns_run_once_with_the_same_numbers(cfg):
+  """group: each run's prompt columns through the model once, the responses attending to them.
+  Log-probabilities, entropy, the router stats per row and the gradient of a weighted sum equal
+  every row in full (float64 numpy's log-softmax of the full logits as well)."""
+  model = init_model(cfg, seed=5)
+  slot, t, g = 9, 17, 4
+  inputs, targets, seg, pos = _grpo_rows(cfg, slot, t, g, [5, 9, 1], seed=6)
+  mask = np.asarray(seg, bool) & (np.arange(t) >= slot - 1)
+  assert _shares_prefix(model, inputs, slot - 1, g)        # the shared path, not a fallback
+  w = jnp.asarray(np.random.default_rng(7).normal(size=mask.shape) * mask, jnp.float32)
+  graphdef, state = nnx.split(model)
+
+  def f(s, group):
+    logp, ent, aux = token_logprobs(nnx.merge(graphdef, s), inputs, targets, seg, pos,
+                                    chunk_size=8, temperature=0.7, return_entropy=True,
+                                    return_aux=True, start=slot - 1, group=group)
+    return jnp.sum(w * logp) + 0.1 * jnp.sum(w * ent), (logp, ent, aux["router"])
+
+  run = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)
+  (_, (logp, ent, router)), grads = run(state, g)
+  (_, (logp1, ent1, router1)), grads1 = run(state, 1)
+  z = np.asarray(model(inputs, seg, pos), np.float64) / 0.7
+  want = np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0] - np.log(
+      np.exp(z - z.max(-1, keepdims=True)).sum(-1)) - z.max(-1)
+  assert _rel(np.asarray(logp)[mask], want[mask]) <= 1e-5
+  assert _rel(np.asarray(logp)[mask], np.asarray(logp1)[mask]) <= 1e-5
+  assert _rel(np.asarray(ent)[mask], np.asarray(ent1)[mask]) <= 1e-5
+  assert len(router) == len(router1) == 1
+  for key in router1[0]:
+    np.testing.assert_allclose(router[0][key], router1[0][key], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
+    if np.any(np.asarray(b)):
+      assert _rel(a, b) <= 1e-4
+  # Rows that are not whole runs (3 of them, runs of 4) run in full: the same numbers.
+  part = token_logprobs(model, inputs[:3], targets[:3], seg[:3], pos[:3], start=slot - 1,
+                        temperature=0.7, group=g)
+  assert _rel(np.asarray(part)[mask[:3]], np.asarray(logp1)[:3][mask[:3]]) <= 1e-5
+
+
 def _vocab_buffers(hlo: str, vocab: int) -> list[int]:
   """Element counts of every f32 array in the HLO text with a dimension of size `vocab`."""
   sizes = []
@@ -206,6 +267,7 @@ def test_eos_logprob_is_that_of_the_stopping_token():
     (dict(start=4), r"start must be an int in \[0, 4\)"),
     (dict(start=-1), r"start must be an int in \[0, 4\)"),
     (dict(targets=jnp.zeros((1, 3), jnp.int32)), "targets must have the shape of inputs"),
+    (dict(group=0), "group must be a positive int"),
 ])
 def test_bad_arguments_raise_clear_errors(kw, msg):
   ids = jnp.ones((1, 4), jnp.int32)

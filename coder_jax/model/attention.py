@@ -104,8 +104,12 @@ class MLAttention(nnx.Module):
     k_rope = jnp.broadcast_to(k_rope_BSK[:, :, None, :], k_nope.shape[:3] + k_rope_BSK.shape[-1:])
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
-  def __call__(self, x_BTD, cos, sin, segment_ids_BT, return_cache: bool = False):
-    """Attention output [B, T, D]; with return_cache also the cache entries (latent, rope key)."""
+  def __call__(self, x_BTD, cos, sin, segment_ids_BT, return_cache: bool = False, prefix=None):
+    """Attention output [B, T, D]; with return_cache also the cache entries (latent, rope key).
+
+    prefix: (latent [P, S, R], rope key [P, S, K], segment ids [P, S], g) of tokens that come
+    before these in every row, shared by runs of g rows (B = P g): the queries also attend to
+    them, as if each row were its run's prefix followed by its own tokens."""
     cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
     q = self.queries(x_BTD, cos, sin)
     latent, k_rope = self.latents(x_BTD, cos, sin)
@@ -115,8 +119,15 @@ class MLAttention(nnx.Module):
       out = context_attention(cfg, q, latent, k_rope, segment_ids_BT,
                               self.kv_b_proj[...].astype(dt), attn)
     else:
-      k, v = self.expand(latent, k_rope)
-      out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=segment_ids_BT,
+      kv_latent, kv_rope, kv_segment_ids = latent, k_rope, segment_ids_BT
+      if prefix is not None:
+        p_latent, p_rope, p_segment_ids, g = prefix
+        cat = lambda a, b: jnp.concatenate([jnp.repeat(a, g, axis=0).astype(b.dtype), b], 1)
+        kv_latent, kv_rope = cat(p_latent, latent), cat(p_rope, k_rope)
+        kv_segment_ids = cat(p_segment_ids, segment_ids_BT)
+      k, v = self.expand(kv_latent, kv_rope)
+      # Queries shorter than keys are the keys' last positions (causal, right-aligned).
+      out = attn(q, k, v, q_segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids,
                  scale=cfg.softmax_scale(), causal=True)
     out = checkpoint_name(out, "attn_out")
     out = token_dot(out.astype(dt), self.o_proj[...].astype(dt), contract=2)

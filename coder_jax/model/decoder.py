@@ -41,8 +41,9 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def __call__(self, x, cos, sin, segment_ids, return_cache: bool = False):
-    a = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, return_cache=return_cache)
+  def __call__(self, x, cos, sin, segment_ids, return_cache: bool = False, prefix=None):
+    a = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, return_cache=return_cache,
+                       prefix=prefix)
     if return_cache:
       a, cache = a
     x = x + a
@@ -103,16 +104,20 @@ class LayerStack(nnx.Module):
       if isinstance(var, nnx.Variable) and var.has_metadata("axes"):
         var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
 
-  def __call__(self, x, cos, sin, segment_ids, return_cache: bool = False):
+  def __call__(self, x, cos, sin, segment_ids, return_cache: bool = False, prefix=None):
+    """prefix: (latent [L, P, S, R], rope key [L, P, S, K], segment ids [P, S], g): per layer
+    the cache entries of a prefix shared by runs of g rows (MLAttention's prefix)."""
     graphdef, state = nnx.split(self.layers)
 
-    def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, return_cache)
+    def body(h, xs):
+      layer_state, entries = xs
+      p = None if entries is None else (*entries, prefix[2], prefix[3])
+      return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, return_cache, p)
 
     policy = self.cfg.remat_policy
     if policy != "none":
       body = jax.checkpoint(body, policy=_REMAT[policy], prevent_cse=not self.scans())
-    return self._layers(body, x, state)
+    return self._layers(body, x, (state, None if prefix is None else prefix[:2]))
 
   def scans(self) -> bool:
     """Whether the layers run as a `lax.scan`: cfg.scan_layers, or when that is None a scan
@@ -185,9 +190,14 @@ class DeepseekV2(nnx.Module):
                                   std, pd)
 
   def hidden_states(self, input_ids_BT, segment_ids_BT=None, positions_BT=None,
-                    return_cache: bool = False):
+                    return_cache: bool = False, prefix=None):
     """Final-normed hidden states [B, T, D] and the aux dict (with return_cache, aux["cache"]
-    holds per run of layers the cache entries: latent [L, B, T, R], rope key [L, B, T, K])."""
+    holds per run of layers the cache entries: latent [L, B, T, R], rope key [L, B, T, K]).
+
+    prefix: tokens before these that runs of g rows share, already run through the model:
+    (its return_cache aux["cache"], its segment ids [B / g, S], g). Each row then attends to
+    its run's prefix as well, so its hidden states are those of the row prefix + its tokens
+    (give positions that continue the prefix's); the prefix runs once for g rows."""
     cfg = self.cfg
     input_ids_BT = jnp.asarray(input_ids_BT)
     if input_ids_BT.ndim != 2:
@@ -203,6 +213,9 @@ class DeepseekV2(nnx.Module):
     segment_ids_BT, positions_BT = jnp.asarray(segment_ids_BT), jnp.asarray(positions_BT)
     n = unsplit_context()
     if n > 1:   # context parallelism: tokens in the load-balanced order (model/context.py)
+      if prefix is not None:
+        raise ValueError(f"a shared prefix needs a mesh whose context axis is 1; this mesh "
+                         f"has context={n}")
       if return_cache:
         raise ValueError(f"the latent cache (prefill for decoding) needs a mesh whose context "
                          f"axis is 1; this mesh has context={n}")
@@ -212,8 +225,9 @@ class DeepseekV2(nnx.Module):
     x = constrain(self.embed(input_ids_BT), ("batch", "activation_length", "activation_embed"))
     cos, sin = rope_tables(cfg, positions_BT)
     router, cache = [], []
-    for stack in self.stacks:
-      x, aux = stack(x, cos, sin, segment_ids_BT, return_cache)
+    for r, stack in enumerate(self.stacks):
+      p = None if prefix is None else (*prefix[0][r], *prefix[1:])
+      x, aux = stack(x, cos, sin, segment_ids_BT, return_cache, p)
       if return_cache:
         aux, entries = aux
         cache.append(entries)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from coder_jax.parallel.rules import constrain
+from coder_jax.model.decoder import segment_positions
+from coder_jax.parallel.rules import constrain, unsplit_context
 
 
 def _chunk_stats(model, h_BCD, targets_BC, temperature, with_entropy: bool):
@@ -27,9 +28,37 @@ def _chunk_stats(model, h_BCD, targets_BC, temperature, with_entropy: bool):
   return logp_BC, logz_BC - jnp.sum(p * logits, axis=-1)     # H = log Z - E_p[logit]
 
 
+def _shares_prefix(model, inputs_BT, start: int, group: int) -> bool:
+  b, t = jnp.shape(inputs_BT)
+  return (group > 1 and b % group == 0 and start + 1 < t and unsplit_context() == 1
+          and model.cfg.attention_impl != "tokamax")
+
+
+def _prefix_once(model, inputs_BT, segment_ids_BT, positions_BT, start: int, g: int):
+  """Hidden states at positions [start, T) and aux, columns [0, start] run once per run of g
+  rows (token_logprobs' group)."""
+  inputs_BT = jnp.asarray(inputs_BT)
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones(inputs_BT.shape, jnp.int32)
+  if positions_BT is None:
+    positions_BT = segment_positions(jnp.asarray(segment_ids_BT))
+  split = start + 1
+  head = lambda a: jnp.asarray(a)[::g, :split]
+  tail = lambda a: jnp.asarray(a)[:, split:]
+  h_p, aux_p = model.hidden_states(head(inputs_BT), head(segment_ids_BT), head(positions_BT),
+                                   return_cache=True)
+  h_r, aux_r = model.hidden_states(tail(inputs_BT), tail(segment_ids_BT), tail(positions_BT),
+                                   prefix=(aux_p["cache"], head(segment_ids_BT), g))
+  h = jnp.concatenate([jnp.repeat(h_p[:, -1:], g, axis=0), h_r], axis=1)
+  # Each row's router stats: its run's prefix's and its own ([layers, rows, ...] each).
+  router = [jax.tree.map(lambda p, r: jnp.repeat(p, g, axis=1) + r, sp, sr)
+            for sp, sr in zip(aux_p["router"], aux_r["router"])]
+  return h, {"router": router}
+
+
 def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_BT=None, *,
                    chunk_size: int = 1024, temperature=1.0, return_entropy: bool = False,
-                   return_aux: bool = False, start: int = 0):
+                   return_aux: bool = False, start: int = 0, group: int = 1):
   """log softmax(logits / temperature)[target] per position, float32 [B, T]; differentiable.
 
   inputs_BT / segment_ids_BT / positions_BT: as for the model's forward. targets_BT: the id
@@ -41,6 +70,13 @@ def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_
   start: the first position whose log-probability is wanted (TRL's `logits_to_keep` from the
   other end): the vocabulary projection runs on positions [start, T) only; earlier positions
   get 0 (and entropy 0). GRPO puts every response after a fixed prompt slot for this.
+  group: rows come in runs of `group` that hold the same tokens in columns [0, start] (GRPO's
+  samples of one prompt, in the prompt slot): those columns run through the model once per run
+  and the rest of each row attends to them (MLAttention's prefix), the same numbers as each row
+  in full, for about (start + 1) (group - 1) / group fewer tokens a row. The router stats in aux
+  are each row's as before. Ignored (every row in full) when the rows are not whole runs, when
+  nothing follows column start, or where a shared prefix is not supported (a context axis > 1;
+  tokamax attention).
 
   Returns logp_BT; with return_entropy / return_aux a tuple (logp_BT, [entropy_BT], [aux]):
   entropy of the tempered distribution per position, and the forward's aux dict ({'router':
@@ -57,8 +93,14 @@ def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_
   t_all = targets_BT.shape[1]
   if not isinstance(start, int) or not 0 <= start < t_all:
     raise ValueError(f"start must be an int in [0, {t_all}); got {start!r}")
-  h_BTD, aux = model.hidden_states(inputs_BT, segment_ids_BT, positions_BT)
-  h_BTD, targets_BT = h_BTD[:, start:], targets_BT[:, start:]
+  if not isinstance(group, int) or group < 1:
+    raise ValueError(f"group must be a positive int; got {group!r}")
+  if _shares_prefix(model, inputs_BT, start, group):
+    h_BTD, aux = _prefix_once(model, inputs_BT, segment_ids_BT, positions_BT, start, group)
+  else:
+    h_BTD, aux = model.hidden_states(inputs_BT, segment_ids_BT, positions_BT)
+    h_BTD = h_BTD[:, start:]
+  targets_BT = targets_BT[:, start:]
   b, t, d = h_BTD.shape
   n = -(-t // chunk_size)
   c = -(-t // n)                     # balanced chunks: the padding stays under n positions

@@ -77,9 +77,10 @@ def function_rewards(fn, problems, replies) -> tuple[np.ndarray, str | None]:
 
 
 def grpo_objective(cfg, *, temperature, eps_low, eps_high, beta, aggregation, alphas,
-                   chunk_size=1024, start: int = 0) -> Objective:
+                   chunk_size=1024, start: int = 0, group: int = 1) -> Objective:
   """start: the first position that can hold a response token (Rollouts' prompt_slot - 1);
-  the vocabulary projection skips the positions before it."""
+  the vocabulary projection skips the positions before it. group: the rows' runs of one
+  prompt (group_size): each prompt's columns run through the model once (token_logprobs)."""
 
   def norms(batch):
     m = batch["mask"].astype(jnp.float32)
@@ -90,7 +91,7 @@ def grpo_objective(cfg, *, temperature, eps_low, eps_high, beta, aggregation, al
     logp, entropy, aux = token_logprobs(model, mb["inputs"], mb["targets"], mb["segment_ids"],
                                         mb["positions"], chunk_size=chunk_size,
                                         temperature=temperature, return_entropy=True,
-                                        return_aux=True, start=start)
+                                        return_aux=True, start=start, group=group)
     loss, metrics = grpo_loss(logp, mb["old_logp"], mb.get("ref_logp"), mb["advantages"],
                               mb["mask"], eps_low=eps_low, eps_high=eps_high, beta=beta,
                               aggregation=aggregation, num_tokens=n["tokens"], num_rows=n["rows"])
@@ -311,7 +312,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       objective = grpo_objective(cfg, temperature=temperature, eps_low=eps_low,
                                  eps_high=eps_high, beta=beta, aggregation=aggregation,
                                  alphas=balance_loss or BalanceLossConfig(0.0, 0.0, 0.0),
-                                 start=slot - 1)
+                                 start=slot - 1, group=group_size)
       return compile_train_step(
           aot, cfg=cfg, mesh_cfg=mesh_config or MeshConfig(), optimizer=optimizer,
           schedule=schedule, objective=objective,
@@ -354,14 +355,15 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                                      init_from_checkpoint=init_from_checkpoint,
                                      init_step=init_step)
   graphdef, _ = train_state.abstract_model(cfg)
-  ref_fn = _reference(graphdef, cfg, init(), temperature, prompt_slot - 1) if beta else None
+  ref_fn = (_reference(graphdef, cfg, init(), temperature, prompt_slot - 1, group_size)
+            if beta else None)
   scorer = None
   if reward.rm_weight:
     from coder_jax.reward import load as load_reward_model
     scorer = load_reward_model(reward.reward_model)
   objective = grpo_objective(cfg, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
                              beta=beta, aggregation=aggregation, alphas=alphas,
-                             start=prompt_slot - 1)
+                             start=prompt_slot - 1, group=group_size)
   data = _RolloutData(dict(problems=fits, tokenizer=tok,
                            tokenizer_path=os.path.abspath(prompts.tokenizer), graphdef=graphdef, cfg=cfg,
                            mesh=mesh, global_rows=batch_size, group_size=group_size,
@@ -393,14 +395,14 @@ class _RolloutData:
     return Rollouts(**self.kw, rows=batch_rows, shard=shard, start_batch=start_batch)
 
 
-def _reference(graphdef, cfg, params, temperature, start: int = 0):
+def _reference(graphdef, cfg, params, temperature, start: int = 0, group: int = 1):
   """Frozen reference log-probabilities of a batch's targets (the policy GRPO starts from),
-  from position `start` on."""
+  from position `start` on; group as grpo_objective's."""
 
   @jax.jit
   def fn(p, inputs, targets, segment_ids, positions):
     return token_logprobs(nnx.merge(graphdef, p), inputs, targets, segment_ids, positions,
-                          temperature=temperature, start=start)
+                          temperature=temperature, start=start, group=group)
 
   def ref_logp(batch):
     """Dispatches the forward and returns its (not yet ready) [rows, seq] array; positions
