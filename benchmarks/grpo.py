@@ -197,7 +197,8 @@ def optimizer_config():
 class Pieces:
   """What `grpo()` builds, built here so that each phase can be timed alone."""
 
-  def __init__(self, setup: dict, train_steps: int, clock: Clock, **runtime):
+  def __init__(self, setup: dict, train_steps: int, clock: Clock, group: int = GROUP,
+               **runtime):
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -222,12 +223,12 @@ class Pieces:
     self.objective = stage.grpo_objective(cfg, temperature=1.0, eps_low=0.2, eps_high=0.2,
                                           beta=BETA, aggregation="token_mean",
                                           alphas=BalanceLossConfig(0.0, 0.0, 0.0),
-                                          start=slot - 1, group=GROUP)
+                                          start=slot - 1, group=group)
     self.step_fn = jax.jit(make_step(self.graphdef, optimizer, schedule, self.objective),
                            in_shardings=(shardings, None),
                            out_shardings=(shardings, NamedSharding(self.mesh, P())),
                            donate_argnums=0)
-    self.reference = stage._reference(self.graphdef, cfg, params, 1.0, slot - 1, GROUP)
+    self.reference = stage._reference(self.graphdef, cfg, params, 1.0, slot - 1, group)
 
     def reward_fn(problems, replies):
       self.seen["problems"], self.seen["replies"] = problems, replies
@@ -358,7 +359,8 @@ def run_profile(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
             jnp.float32(1.0), jnp.int32(eos), table, live)
     w = time.perf_counter()
     with jax.set_mesh(p.mesh):
-      exe = gen._generate.lower(graphdef, *args, max_new_tokens=NEW_TOKENS, attend="auto").compile()
+      exe = gen._generate.lower(graphdef, *args, max_new_tokens=NEW_TOKENS, attend="auto",
+                                group=GROUP).compile()
     out[f"compile {name}"] = time.perf_counter() - w
     parts[name] = lambda: jax.block_until_ready(exe(*args))
 
@@ -375,16 +377,19 @@ def run_profile(setup: dict, steps: int, warmup: int, gate: Gate) -> dict:
       jax.block_until_ready(m)
     parts[name] = one
 
-  unrolled = Pieces(setup, 10, Clock(), scan_layers=False)
+  full_rows = Pieces(setup, 10, Clock(), group=1)
   sampler("generate (as the stage samples)", base)
   params = jax.tree.map(jnp.copy, base.state["params"])
   graphdef, state = nnx.split(nnx.merge(base.graphdef, params))
-  prefill = jax.jit(lambda s: gen.prefill(nnx.merge(graphdef, s), ids, lengths, t + NEW_TOKENS))
-  parts["  its prefill alone"] = lambda: jax.block_until_ready(prefill(state))
-  sampler("  scan_layers False (layers unrolled in the decode step)", unrolled)
-  parts["reference forward (the stage's)"] = lambda: base.reference(local)
+  prefill = jax.jit(lambda s: gen.prefill(nnx.merge(graphdef, s), ids[::GROUP],
+                                           lengths[::GROUP], t + NEW_TOKENS))
+  parts["  its prefill alone (one row per prompt)"] = lambda: jax.block_until_ready(
+      prefill(state))
+  parts["reference forward (the stage's)"] = lambda: jax.block_until_ready(base.reference(local))
+  parts["  every row in full (group 1), reference"] = lambda: jax.block_until_ready(
+      full_rows.reference(local))
   updater("update (the jitted train step)", base)
-  updater("  scan_layers False", unrolled)
+  updater("  every row in full (group 1), update", full_rows)
   times = {name: [] for name in parts}
   for fn in parts.values():
     fn()                              # first runs (allocations) untimed

@@ -10,9 +10,11 @@ coder_jax.hf.load, so both hold the same weights.
 
 Rows:
   forward + backward   the mean next-token cross-entropy of a [batch, length] block of random
-                       ids and its gradient for every parameter (coder_jax: jax.value_and_grad
-                       of the model's loss, jitted; transformers: model(ids, labels=ids).loss
-                       .backward() in train mode); tokens/s = batch x length / seconds.
+                       ids and its gradient for every parameter (coder_jax: jax.value_and_grad,
+                       jitted, of the loss as its training objective forms it: the hidden
+                       states, then model.logprobs.cross_entropy_from_hidden; transformers:
+                       model(ids, labels=ids).loss.backward() in train mode); tokens/s =
+                       batch x length / seconds.
   greedy decode        prompts of random ids (one length), max_new_tokens new tokens, EOS off on
                        both sides so that every row makes them all (coder_jax: generate_ids;
                        transformers: model.generate(do_sample=False) with its default dynamic
@@ -22,6 +24,10 @@ Each rep runs one side then the other, so that both meet the same load on a shar
 table gives the median over the reps after one warm-up (coder_jax's warm-up holds its compile,
 reported apart). Checks printed under the table: the two losses agree (rel <= 1e-4) and the
 greedy tokens are identical row by row (a row that differs gets the step where it first does).
+
+A second table (--matmuls, on by default) times single float32 matrix products of the shapes the
+forward + backward runs, XLA:CPU (a jitted jnp.dot) beside torch.matmul, alternating: the
+library floor under the first row.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ def main(argv=None):
   ap.add_argument("--max_new_tokens", type=int, default=64)
   ap.add_argument("--batches", default="1,16", help="decode batch sizes")
   ap.add_argument("--moe_impl", default="auto")
+  ap.add_argument("--matmuls", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time the model's matrix products alone")
   args = ap.parse_args(argv)
 
   import jax
@@ -82,7 +90,7 @@ def main(argv=None):
 
   from coder_jax import hf
   from coder_jax.decode.generate import generate_ids
-  from coder_jax.train.losses import cross_entropy_sum
+  from coder_jax.model.logprobs import cross_entropy_from_hidden
   from grpo import MODEL
 
   torch.manual_seed(0)
@@ -106,8 +114,10 @@ def main(argv=None):
     weights = jnp.ones(ids.shape).at[:, -1].set(0.0)
 
     def loss(p):
-      logits = nnx.merge(graphdef, p)(ids)
-      return cross_entropy_sum(logits, targets, weights) / (ids.shape[0] * (ids.shape[1] - 1))
+      model = nnx.merge(graphdef, p)
+      h, _ = model.hidden_states(ids)
+      return cross_entropy_from_hidden(model, h, targets, weights) / (
+          ids.shape[0] * (ids.shape[1] - 1))
     return jax.value_and_grad(loss)(params)
 
   ids_j, ids_t = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
@@ -167,6 +177,43 @@ def main(argv=None):
   print()
   for line in checks:
     print(f"- {line}")
+  if args.matmuls:
+    matmul_table(b * t, args.reps)
+
+
+# [M, K] x [K, N] products of the forward + backward at 8 x 256 tokens (forward shapes and the
+# backward's transposed ones).
+MATMULS = [
+    ("dense MLP gate / up", 2048, 512, 1536), ("dense MLP down", 2048, 1536, 512),
+    ("shared experts gate / up", 2048, 512, 512), ("one expert's 512 rows, gate / up", 512, 512, 256),
+    ("one expert's 512 rows, down", 512, 256, 512), ("LM head", 2048, 512, 4096),
+    ("LM head, input gradient", 2048, 4096, 512), ("LM head, weight gradient", 512, 2048, 4096)]
+
+
+def matmul_table(tokens: int, reps: int):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  rng = np.random.default_rng(0)
+  mm = jax.jit(jnp.dot)
+  print(f"\nMatrix products alone, float32 (the shapes of the {tokens}-token forward + backward); "
+        f"median of {3 * reps} alternating calls:\n")
+  print("| product | [M, K] x [K, N] | XLA:CPU GFLOP/s | torch GFLOP/s | XLA / torch |")
+  print("|---|---|---|---|---|")
+  for name, m, k, n in MATMULS:
+    a, b = (rng.standard_normal(sh).astype(np.float32) for sh in ((m, k), (k, n)))
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    ours = lambda: jax.block_until_ready(mm(ja, jb))
+    theirs = lambda: torch.matmul(ta, tb)
+    ours(), theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(3 * reps):
+      t_ours.append(timed(ours)[1])
+      t_theirs.append(timed(theirs)[1])
+    fl = 2 * m * k * n / 1e9
+    x, y = fl / statistics.median(t_ours), fl / statistics.median(t_theirs)
+    print(f"| {name} | [{m}, {k}] x [{k}, {n}] | {x:.0f} | {y:.0f} | {x / y:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,54 @@ def test_shared_prompt_columns_run_once_with_the_same_numbers(cfg):
   assert _rel(np.asarray(part)[mask[:3]], np.asarray(logp1)[:3][mask[:3]]) <= 1e-5
 
 
+@pytest.mark.parametrize("tied, chunk", [(False, None), (False, 4), (True, 5), (True, 14)],
+                         ids=["whole", "chunks_divide", "tied_chunks_pad", "tied_one_chunk"])
+def test_cross_entropy_from_hidden_equals_autodiff_of_the_plain_loss(tied, chunk):
+  """The one-pass loss (gradients formed in the forward) against float64 numpy's weighted
+  cross-entropy and against jax.grad of cross_entropy_sum over the full logits: the value, and
+  the gradients for every parameter (the head, or the tied embedding) and for the weights."""
+  from coder_jax.model.logprobs import cross_entropy_from_hidden
+  from coder_jax.train.losses import cross_entropy_sum
+  cfg = get_config("tiny", dtype="float32", tie_word_embeddings=tied)
+  graphdef, state = nnx.split(init_model(cfg, seed=4))
+  inputs, targets, seg = _batch(5)
+  w = jnp.asarray(np.random.default_rng(6).uniform(size=(B, T)) * SEGMENTS.astype(bool),
+                  jnp.float32)
+
+  def plain(s, w):
+    return cross_entropy_sum(nnx.merge(graphdef, s)(inputs, seg), targets, w)
+
+  def fused(s, w):
+    model = nnx.merge(graphdef, s)
+    h, _ = model.hidden_states(inputs, seg)
+    return cross_entropy_from_hidden(model, h, targets, w, chunk_size=chunk)
+
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(state, w)
+  got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(state, w)
+  z = np.asarray(nnx.merge(graphdef, state)(inputs, seg), np.float64)
+  top = z.max(-1)
+  ce = top + np.log(np.exp(z - top[..., None]).sum(-1)) - np.take_along_axis(
+      z, np.asarray(targets)[..., None], -1)[..., 0]
+  assert _rel(got, np.sum(ce * np.asarray(w))) <= 1e-5 and _rel(got, want) <= 1e-5
+  assert _rel(got_grads[1], ce) <= 1e-5                     # d loss / d weights
+  leaves = list(zip(jax.tree.leaves(got_grads[0]), jax.tree.leaves(want_grads[0])))
+  assert len(leaves) > 10
+  for g, h in leaves:
+    if np.any(np.asarray(h)):
+      assert _rel(g, h) <= 1e-5
+
+
+def test_cross_entropy_from_hidden_rejects_bad_arguments():
+  from coder_jax.model.logprobs import cross_entropy_from_hidden
+  model = init_model(TINY, seed=0)
+  h = jnp.zeros((2, 4, TINY.hidden_size))
+  ok = jnp.zeros((2, 4), jnp.int32)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+    cross_entropy_from_hidden(model, h, ok, ok, chunk_size=0)
+  with pytest.raises(ValueError, match=r"targets and weights must be \[B, T\]"):
+    cross_entropy_from_hidden(model, h, ok[:, :3], ok)
+
+
 def _vocab_buffers(hlo: str, vocab: int) -> list[int]:
   """Element counts of every f32 array in the HLO text with a dimension of size `vocab`."""
   sizes = []

@@ -244,10 +244,14 @@ class DeepseekV2(nnx.Module):
   def embed(self, input_ids):
     return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype_of(self.cfg.dtype))
 
+  def head_weight(self):
+    """The vocabulary projection [D, vocab]: lm_head, or the embedding's transpose when tied."""
+    return self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
   def logits(self, h_BTD):
     dt = dtype_of(self.cfg.dtype)
-    w = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    return token_dot(h_BTD.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    return token_dot(h_BTD.astype(dt), self.head_weight().astype(dt),
+                     preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None, return_aux=False):
     h, aux = self.hidden_states(input_ids_BT, segment_ids_BT, positions_BT)

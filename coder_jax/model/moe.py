@@ -265,19 +265,22 @@ def tiled_experts(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD
   rows and then `tile` rows (`_chunked_swiglu`). Work is at most N*k + E*tile rows (XLA:CPU
   lowers ragged_dot to a dense product over all E experts, which this avoids). Few tokens (a
   decode step) take another path, chosen from the static shapes: fewer copies than experts, the
-  gathered experts (only the routed experts' weights are read); else, when the dense product
-  (every expert on every token) or the slotted one is fewer rows than the chunked bound, the
-  one with fewer rows."""
+  gathered experts (only the routed experts' weights are read); else the slotted product when
+  it has fewer rows than the dense one and at most half the chunked bound (its gathers cost
+  more than the loop's in a backward); else, when every expert on every token is fewer rows
+  than the chunked bound, the dense product."""
   n, k = experts_NK.shape
   e, d, _ = w_gate_EDF.shape
   m = n * k
   cap = slot_capacity(n, k, e)
+  chunked = ((m + tile - 1) // tile + e) * tile
   few = None
   if m < e:
     few = gathered_experts
-  elif min(n, cap) * e <= ((m + tile - 1) // tile + e) * tile:
-    few = (dense_experts if n <= cap else
-           functools.partial(slotted_experts, capacity=cap))
+  elif cap < n and 2 * cap * e <= chunked:
+    few = functools.partial(slotted_experts, capacity=cap)
+  elif n * e <= chunked:
+    few = dense_experts
   if few is not None:
     return few(x_ND, experts_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, dtype=dtype)
   flat = experts_NK.reshape(-1)

@@ -63,7 +63,8 @@ def dry_run_report(cfg, mesh_cfg: MeshConfig, optimizer, *, num_devices: int, ba
   p_bytes = train_state.bytes_per_device(abstract["params"], specs["params"], shape)
   o_bytes = train_state.bytes_per_device(abstract["opt_state"], specs["opt_state"], shape)
   counts = param_counts(cfg)
-  # The loss's logits at once: token_logprobs' balanced chunks are at most loss_chunk_size.
+  # The loss's logits at once: its balanced chunks (logprobs._position_chunks) are at most
+  # loss_chunk_size.
   chunks = -(-seq_len // loss_chunk_size) if loss_chunk_size else 1
   logits_kw = dict(batch_size=batch_size, grad_accum_steps=grad_accum_steps)
   l_bytes = logits_bytes_per_device(cfg, mesh, positions=-(-seq_len // chunks), **logits_kw)

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from coder_jax.model.logprobs import token_logprobs
+from coder_jax.model.logprobs import cross_entropy_from_hidden
 from coder_jax.parallel.expert import token_dropping
-from coder_jax.train.losses import BalanceLossConfig, balance_losses, cross_entropy_sum
+from coder_jax.train.losses import BalanceLossConfig, balance_losses
 
 TOKEN_AXES = ("batch", "activation_length")
 ROW_AXES = ("batch",)
@@ -86,20 +86,17 @@ def lm_objective(cfg, alphas: BalanceLossConfig = BalanceLossConfig(), *,
   """Next-token cross-entropy over weighted tokens (pretraining; SFT with loss_weights on the
   assistant tokens only) plus DeepSeek-V2's balance losses.
 
-  loss_chunk_size: compute the logits that many positions at a time, each chunk
-  rematerialised in the backward (model/logprobs.py), so at most [rows, chunk, vocab] of them
-  exist at once: at 128K tokens the whole [rows, T, 102400] is 50 GiB per row in float32.
-  None: the whole sequence at once (faster where it fits)."""
+  The cross-entropy comes from the final hidden states in one pass that also forms its
+  gradients (model/logprobs.py's cross_entropy_from_hidden: the logits are never kept for the
+  backward). loss_chunk_size: form the logits that many positions at a time, so at most
+  [rows, chunk, vocab] of them exist at once: at 128K tokens the whole [rows, T, 102400] is
+  50 GiB per row in float32. None: the whole sequence at once."""
   check_loss_chunk_size(loss_chunk_size)
 
   def loss_fn(model, mb, norms):
-    if loss_chunk_size is None:
-      logits, aux = model(mb["inputs"], mb["segment_ids"], mb["positions"], return_aux=True)
-      ce_sum = cross_entropy_sum(logits, mb["targets"], mb["loss_weights"])
-    else:
-      logp, aux = token_logprobs(model, mb["inputs"], mb["targets"], mb["segment_ids"],
-                                 mb["positions"], chunk_size=loss_chunk_size, return_aux=True)
-      ce_sum = -jnp.sum(logp * mb["loss_weights"].astype(jnp.float32))
+    h, aux = model.hidden_states(mb["inputs"], mb["segment_ids"], mb["positions"])
+    ce_sum = cross_entropy_from_hidden(model, h, mb["targets"], mb["loss_weights"],
+                                       chunk_size=loss_chunk_size)
     ce = ce_sum / norms["tokens"]
     bal, metrics = moe_balance(cfg, alphas, aux, norms)
     return ce + bal, {"ce_loss": ce, **metrics}
