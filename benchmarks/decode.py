@@ -4,7 +4,7 @@
     python benchmarks/decode.py --lite_proxy     # accelerator: also the Lite-width proxy
 
 Each row: a prefilled cache of --context tokens per row, then --steps greedy single-token steps
-(embedding, all layers with absorbed MLA over the latent cache, LM head, argmax, cache write)
+(embedding, all layers with absorbed MLA over the latent cache, LM head, the greedy token (sampling.first_max), cache write)
 in one jitted fori_loop (the cache written in place); tokens/s = batch x steps / median time of 3 runs after a warm-up.
 Floor: the bytes one step must read from memory (the weights it touches: every non-expert
 weight, the LM head and embedding row gather counted as the full head, and the routed experts
@@ -63,6 +63,7 @@ def step_bytes(cfg, batch: int, context: int) -> float:
 def run_row(name, cfg, batch, context, steps, attention_impl, bandwidth):
   from coder_jax.decode.attention import get_decode_attention
   from coder_jax.decode.generate import _decode_step, decode_layers, prefill
+  from coder_jax.decode.sampling import first_max
   from coder_jax.model import init_model
   model = init_model(cfg, seed=0)
   graphdef, state = nnx.split(model)
@@ -81,7 +82,7 @@ def run_row(name, cfg, batch, context, steps, attention_impl, bandwidth):
 
     def body(i, carry):
       logits, cache = carry
-      tok = jnp.argmax(logits, -1).astype(jnp.int32)
+      tok = first_max(logits)
       return _decode_step(m, cache, tok, lengths + i, attend, layers)
     return jax.lax.fori_loop(0, steps, body, (logits, cache))
 

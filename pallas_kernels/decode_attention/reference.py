@@ -31,14 +31,12 @@ def reference_latent_decode_attention(q_latent_BHR, q_rope_BHD, latent_cache_BSR
     c = jnp.where(valid[:, :, None], c, 0.0)
     k_r = jnp.where(valid[:, :, None], k_r, 0.0)
   hi = lax.Precision.HIGHEST
-  # Scores as [B, S, H]: the cache is the product's row operand in its stored layout (as
-  # [B, H, S] XLA:CPU copied the whole cache transposed at every call).
-  s = (jnp.einsum("bsr,bhr->bsh", c, f32(q_latent_BHR), precision=hi)
-       + jnp.einsum("bsd,bhd->bsh", k_r, f32(q_rope_BHD), precision=hi)) * sm_scale
-  s = jnp.where(valid[:, :, None], s, -jnp.inf)
-  m = jnp.max(s, axis=1, keepdims=True)
+  s = (jnp.einsum("bhr,bsr->bhs", f32(q_latent_BHR), c, precision=hi)
+       + jnp.einsum("bhd,bsd->bhs", f32(q_rope_BHD), k_r, precision=hi)) * sm_scale
+  s = jnp.where(valid[:, None, :], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)        # empty rows: all -inf, keep exp() at 0, not NaN
   p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=1)[..., None]             # [B, H, 1]
-  o = jnp.einsum("bsh,bsr->bhr", p, c, precision=hi) / jnp.where(l > 0, l, 1.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("bhs,bsr->bhr", p, c, precision=hi) / jnp.where(l > 0, l, 1.0)
   return o.astype(q_latent_BHR.dtype)
