@@ -155,6 +155,12 @@ def test_model_rejects_indivisible_length_decoding_and_split_kernels():
     with pytest.raises(ValueError, match="latent cache .* context axis is 1; this mesh has "
                                          "context=4"):
       model.hidden_states(jnp.zeros((2, 16), jnp.int32), return_cache=True)
+    with pytest.raises(ValueError, match="shared prefix needs a mesh whose context axis is 1; "
+                                         "this mesh has context=4"):
+      model.hidden_states(jnp.zeros((2, 16), jnp.int32), prefix=([], jnp.ones((1, 4)), 2))
+    # token_logprobs' group then runs every row in full instead of failing.
+    from coder_jax.model.logprobs import _shares_prefix
+    assert not _shares_prefix(model, jnp.zeros((4, 16), jnp.int32), 7, 2)
     attn = model.stacks[0].layers.self_attn
     one = lambda *s: jnp.zeros(s, jnp.float32)
     with pytest.raises(ValueError, match="decoding runs on a mesh whose context axis is 1"):
