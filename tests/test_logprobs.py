@@ -171,6 +171,13 @@ def test_shared_prompt_columns_run_once_with_the_same_numbers(cfg):
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
     if np.any(np.asarray(b)):
       assert _rel(a, b) <= 1e-4
+  # With tokens dropped at expert capacity (training), rows run in full: which copies are
+  # dropped depends on the tokens a batch holds.
+  from coder_jax.parallel.expert import token_dropping
+  with token_dropping():
+    assert _shares_prefix(model, inputs, slot - 1, g)
+    dropping = init_model(cfg.replace(capacity_factor=1.25), seed=5)
+    assert not _shares_prefix(dropping, inputs, slot - 1, g)
   # Rows that are not whole runs (3 of them, runs of 4) run in full: the same numbers.
   part = token_logprobs(model, inputs[:3], targets[:3], seg[:3], pos[:3], start=slot - 1,
                         temperature=0.7, group=g)

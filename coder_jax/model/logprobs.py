@@ -5,6 +5,9 @@ keeps (8 rows x 4096 tokens is 13 GB in float32), yet the loss needs one number 
 the sequence is cut into chunks of positions and a scan computes, chunk by chunk, the logits,
 their log-softmax at the targets (and the entropy); each chunk is rematerialised in the backward
 pass, so neither direction holds more than one chunk [B, chunk, vocab] of logits at a time.
+
+cross_entropy_from_hidden is the training loss (a weighted sum of token cross-entropies) in the
+same chunks, with its gradients formed in the forward pass.
 """
 
 from __future__ import annotations
@@ -111,9 +114,12 @@ _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def _shares_prefix(model, inputs_BT, start: int, group: int) -> bool:
+  from coder_jax.parallel.expert import dropping_enabled
   b, t = jnp.shape(inputs_BT)
+  # Dropping at expert capacity depends on which tokens share a batch: full rows then.
+  drops = dropping_enabled() and model.cfg.capacity_factor is not None
   return (group > 1 and b % group == 0 and start + 1 < t and unsplit_context() == 1
-          and model.cfg.attention_impl != "tokamax")
+          and model.cfg.attention_impl != "tokamax" and not drops)
 
 
 def _prefix_once(model, inputs_BT, segment_ids_BT, positions_BT, start: int, g: int):
@@ -158,7 +164,7 @@ def token_logprobs(model, inputs_BT, targets_BT, segment_ids_BT=None, positions_
   in full, for about (start + 1) (group - 1) / group fewer tokens a row. The router stats in aux
   are each row's as before. Ignored (every row in full) when the rows are not whole runs, when
   nothing follows column start, or where a shared prefix is not supported (a context axis > 1;
-  tokamax attention).
+  tokamax attention) or would change the numbers (tokens dropped at expert capacity).
 
   Returns logp_BT; with return_entropy / return_aux a tuple (logp_BT, [entropy_BT], [aux]):
   entropy of the tempered distribution per position, and the forward's aux dict ({'router':
