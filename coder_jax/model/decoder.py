@@ -168,6 +168,23 @@ def segment_positions(segment_ids_BT):
   return idx - start_idx
 
 
+def token_layout(input_ids_BT, segment_ids_BT=None, positions_BT=None):
+  """(input ids, segment ids, positions) as [B, T] arrays: segment ids default to one document
+  per row, positions to restarting at each segment; a shape that differs is a clear error."""
+  input_ids_BT = jnp.asarray(input_ids_BT)
+  if input_ids_BT.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids_BT.shape}")
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
+  if positions_BT is None:
+    positions_BT = segment_positions(segment_ids_BT)
+  for name, a in (("segment_ids", segment_ids_BT), ("positions", positions_BT)):
+    if jnp.shape(a) != input_ids_BT.shape:
+      raise ValueError(f"{name} must have the shape of input_ids {input_ids_BT.shape}, "
+                       f"got {jnp.shape(a)}")
+  return input_ids_BT, jnp.asarray(segment_ids_BT), jnp.asarray(positions_BT)
+
+
 class DeepseekV2(nnx.Module):
   """The causal LM: `model(input_ids)` -> logits [B, T, vocab] (float32).
 
@@ -199,18 +216,8 @@ class DeepseekV2(nnx.Module):
     its run's prefix as well, so its hidden states are those of the row prefix + its tokens
     (give positions that continue the prefix's); the prefix runs once for g rows."""
     cfg = self.cfg
-    input_ids_BT = jnp.asarray(input_ids_BT)
-    if input_ids_BT.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids_BT.shape}")
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
-    if positions_BT is None:
-      positions_BT = segment_positions(segment_ids_BT)
-    for name, a in (("segment_ids", segment_ids_BT), ("positions", positions_BT)):
-      if jnp.shape(a) != input_ids_BT.shape:
-        raise ValueError(f"{name} must have the shape of input_ids {input_ids_BT.shape}, "
-                         f"got {jnp.shape(a)}")
-    segment_ids_BT, positions_BT = jnp.asarray(segment_ids_BT), jnp.asarray(positions_BT)
+    input_ids_BT, segment_ids_BT, positions_BT = token_layout(input_ids_BT, segment_ids_BT,
+                                                              positions_BT)
     n = unsplit_context()
     if n > 1:   # context parallelism: tokens in the load-balanced order (model/context.py)
       if prefix is not None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coder_jax.model.decoder import segment_positions
+from coder_jax.model.decoder import token_layout
 from coder_jax.model.layers import token_dot
 from coder_jax.parallel.rules import constrain, unsplit_context
 
@@ -125,18 +125,12 @@ def _shares_prefix(model, inputs_BT, start: int, group: int) -> bool:
 def _prefix_once(model, inputs_BT, segment_ids_BT, positions_BT, start: int, g: int):
   """Hidden states at positions [start, T) and aux, columns [0, start] run once per run of g
   rows (token_logprobs' group)."""
-  inputs_BT = jnp.asarray(inputs_BT)
-  if segment_ids_BT is None:
-    segment_ids_BT = jnp.ones(inputs_BT.shape, jnp.int32)
-  if positions_BT is None:
-    positions_BT = segment_positions(jnp.asarray(segment_ids_BT))
+  layout = token_layout(inputs_BT, segment_ids_BT, positions_BT)
   split = start + 1
-  head = lambda a: jnp.asarray(a)[::g, :split]
-  tail = lambda a: jnp.asarray(a)[:, split:]
-  h_p, aux_p = model.hidden_states(head(inputs_BT), head(segment_ids_BT), head(positions_BT),
-                                   return_cache=True)
-  h_r, aux_r = model.hidden_states(tail(inputs_BT), tail(segment_ids_BT), tail(positions_BT),
-                                   prefix=(aux_p["cache"], head(segment_ids_BT), g))
+  head = [a[::g, :split] for a in layout]
+  h_p, aux_p = model.hidden_states(*head, return_cache=True)
+  h_r, aux_r = model.hidden_states(*(a[:, split:] for a in layout),
+                                   prefix=(aux_p["cache"], head[1], g))
   h = jnp.concatenate([jnp.repeat(h_p[:, -1:], g, axis=0), h_r], axis=1)
   # Each row's router stats: its run's prefix's and its own ([layers, rows, ...] each).
   router = [jax.tree.map(lambda p, r: jnp.repeat(p, g, axis=1) + r, sp, sr)
