@@ -16,12 +16,12 @@ if [ "$req" = "requirements-test.txt" ]; then
   want="$want-$(sha256sum "$root/requirements-triton.txt" | cut -d' ' -f1)"
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/$req"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$root/$req"
   if [ "$req" = "requirements-test.txt" ]; then
     # Off the import path (requirements-triton.txt says why); compile_report runs it apart.
     "$venv/bin/python" -m pip uninstall --quiet --yes triton 2>/dev/null || true
     rm -rf "$venv/triton"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps \
       --target "$venv/triton" -r "$root/requirements-triton.txt"
   fi
   echo "$want" > "$stamp"
@@ -36,7 +36,7 @@ print(next((q.split(";")[0].replace(" ", "") for q in r("jax") or ()
             if q.startswith("libtpu") and "tpu" in q.partition(";")[2]), "libtpu"))')"
   if [ ! -f "$venv/libtpu/libtpu/libtpu.so" ] || [ "$(cat "$venv/libtpu/.spec" 2>/dev/null)" != "$spec" ]; then
     rm -rf "$venv/libtpu"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps \
       --target "$venv/libtpu" "$spec"
     echo "$spec" > "$venv/libtpu/.spec"
   fi
