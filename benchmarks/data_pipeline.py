@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import time
+
+from host import cpu_model  # benchmarks/, the script's folder, is on sys.path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -95,7 +96,7 @@ def main(argv=None):
   # moe_impl "tiled": XLA:CPU lowers lax.ragged_dot to a dense product over all 64 experts.
   rows.append(("train step, Lite proxy, seq 1024, batch 1",
                train_rate(lite_proxy, 1024, 1, args.steps)))
-  print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+  print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; "
         f"jax {jax.__version__}, tensorflow {tf.__version__}; vocab {vocab}")
   print(f"| {'work':<44} | {'tokens/s':>10} | {'pipeline / this':>15} |")
   print(f"|{'-' * 46}|{'-' * 12}|{'-' * 17}|")

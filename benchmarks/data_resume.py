@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from host import cpu_model  # benchmarks/, the script's folder, is on sys.path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +191,7 @@ def main(argv=None):
   import jax
   import seqio
   import tensorflow as tf
-  print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax "
+  print(f"# {cpu_model()}, {os.cpu_count()} cores; jax "
         f"{jax.__version__}, tensorflow {tf.__version__}, seqio {seqio.__version__}")
   if args.only_throughput:
     ns, args.e2e = [], ""

@@ -31,6 +31,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from host import cpu_model  # noqa: E402
 
 
 def copy_bandwidth(nbytes=1 << 30) -> float:
@@ -115,7 +116,9 @@ def main(argv=None):
   args = ap.parse_args(argv)
   bw = copy_bandwidth(1 << 28 if jax.default_backend() == "cpu" else 1 << 30)
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  print(f"{now}; {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}"
+  kind = cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
+  print(f"{now}; {kind} ({jax.default_backend()}, {jax.device_count()} devices, "
+        f"{os.cpu_count()} CPUs); jax {jax.__version__}"
         f", jaxlib {jaxlib.__version__}; measured copy bandwidth {bw / 1e9:,.1f} GB/s\n")
   print("| model | attention | batch | context | ms/step | tokens/s | floor ms | of floor | "
         "compile s |")

@@ -53,6 +53,8 @@ import sys
 import tempfile
 import time
 
+from host import cpu_model  # benchmarks/, the script's folder, is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -567,7 +569,7 @@ def _fmt(x) -> str:
 
 def report(setup, ours, stage, peer, prof, args, load_before, load_after, wall):
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  print(f"{now}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); python "
+  print(f"{now}; {os.cpu_count()} CPUs ({cpu_model()}); python "
         f"{platform.python_version()}; jax {ours['jax']}" +
         (f"; torch {peer['torch']} ({peer['torch_threads']} threads, experts "
          f"{peer['experts_impl']}, attention {peer['attn_impl']}), transformers "

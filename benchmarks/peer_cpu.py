@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -92,6 +91,7 @@ def main(argv=None):
   from coder_jax.decode.generate import generate_ids
   from coder_jax.model.logprobs import cross_entropy_from_hidden
   from grpo import MODEL
+  from host import cpu_model
 
   torch.manual_seed(0)
   theirs = DeepseekV2ForCausalLM(DeepseekV2Config(**MODEL)).float()
@@ -165,7 +165,7 @@ def main(argv=None):
 
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   load = os.getloadavg()
-  print(f"{now}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
+  print(f"{now}; {cpu_model()}, {os.cpu_count()} cores, load "
         f"{load[0]:.1f}; jax {jax.__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}; moe_impl {args.moe_impl}; median of {args.reps} reps\n")
   print("| work | coder_jax tokens/s | transformers tokens/s | coder_jax / transformers | "
