@@ -87,7 +87,9 @@ def check_fit(mesh, model_cfg, *, batch_size: int | None = None, grad_accum_step
   s = dict(mesh.shape)
   s.setdefault("context", 1)
   problems = []
-  if seq_len is not None and seq_len % (2 * s["context"]):
+  # Only a split sequence is reordered into 2 x context chunks (model/context.py); with context
+  # 1 any length runs (a GRPO row, prompt slot + new tokens - 1, is often odd).
+  if seq_len is not None and s["context"] > 1 and seq_len % (2 * s["context"]):
     problems.append(f"seq_len={seq_len} is not divisible by 2 x the context axis "
                     f"({s['context']}) = {2 * s['context']} (each device holds one early and one "
                     "late chunk of every sequence)")
