@@ -71,7 +71,8 @@ def _grpo(policy, model_dir, steps, **kw):
     gin.clear_config()
 
 
-def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_new", [12, 13])   # rows of both parities (prompt slot + max_new - 1)
+def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path, monkeypatch, max_new):
   """The old log-probabilities come from the sampler; the update recomputes them with the
   training forward: equal positions and values give ratio 1, and the policy is the reference.
   The reference forward needs no reward: the stage dispatches it first, so that it runs on the
@@ -94,7 +95,7 @@ def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path, monkeypatch):
     return reply_length(problems, replies)
 
   monkeypatch.setattr(stage, "_reference", recording)
-  res = _grpo(policy, tmp_path / "run", 2, beta=0.04, temperature=0.9,
+  res = _grpo(policy, tmp_path / "run", 2, beta=0.04, temperature=0.9, max_new_tokens=max_new,
               reward=RewardConfig(rm_weight=0.0, functions=(scored,)))
   assert [c for c in calls if isinstance(c, str)] == ["reference", "reward"] * 2
   _, out, mask = calls[1]
@@ -109,7 +110,7 @@ def test_first_update_has_ratio_one_and_zero_kl(policy, tmp_path, monkeypatch):
               "time_sampling_s", "time_reward_s", "time_reference_s", "time_wait_update_s", "kl",
               "clip_fraction", "policy_loss"):
     assert key in first, key
-  assert first["entropy"] > 0 and 0 < first["response_len"] <= 13
+  assert first["entropy"] > 0 and 0 < first["response_len"] <= max_new + 1
   assert m[2]["kl"] >= 0
   assert os.path.exists(tmp_path / "run" / "config.gin")
   assert os.path.exists(tmp_path / "run" / "tokenizer.json")
