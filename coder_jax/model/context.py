@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from coder_jax.parallel.mesh import context_length_problem
 from coder_jax.parallel.rules import context_size, logical_to_spec
 
 
 def check_length(seq_len: int, n: int) -> None:
-  if seq_len % (2 * n):
-    raise ValueError(f"context parallelism: seq_len={seq_len} is not divisible by 2 x the "
-                     f"context axis ({n}) = {2 * n} (each device holds one early and one late "
-                     "chunk of every sequence)")
+  problem = context_length_problem(seq_len, n)
+  if problem:
+    raise ValueError(f"context parallelism: {problem}")
 
 
 def to_balanced(x, n: int, axis: int = 1):

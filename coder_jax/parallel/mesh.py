@@ -81,6 +81,14 @@ def batch_shards(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
+def context_length_problem(seq_len: int, n: int) -> str | None:
+  """Why a sequence of seq_len tokens cannot be split over a context axis of n, or None."""
+  if seq_len % (2 * n):
+    return (f"seq_len={seq_len} is not divisible by 2 x the context axis ({n}) = {2 * n} (each "
+            "device holds one early and one late chunk of every sequence)")
+  return None
+
+
 def check_fit(mesh, model_cfg, *, batch_size: int | None = None, grad_accum_steps: int = 1,
               seq_len: int | None = None):
   """Raise MeshError when the model or the batch does not divide over the mesh."""
@@ -89,10 +97,9 @@ def check_fit(mesh, model_cfg, *, batch_size: int | None = None, grad_accum_step
   problems = []
   # Only a split sequence is reordered into 2 x context chunks (model/context.py); with context
   # 1 any length runs (a GRPO row, prompt slot + new tokens - 1, is often odd).
-  if seq_len is not None and s["context"] > 1 and seq_len % (2 * s["context"]):
-    problems.append(f"seq_len={seq_len} is not divisible by 2 x the context axis "
-                    f"({s['context']}) = {2 * s['context']} (each device holds one early and one "
-                    "late chunk of every sequence)")
+  if seq_len is not None and s["context"] > 1 and (
+      split := context_length_problem(seq_len, s["context"])):
+    problems.append(split)
   if model_cfg.has_moe and model_cfg.n_routed_experts % s["expert"]:
     problems.append(f"n_routed_experts={model_cfg.n_routed_experts} is not divisible by the "
                     f"expert axis ({s['expert']})")
