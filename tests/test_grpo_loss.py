@@ -181,6 +181,26 @@ def test_group_advantages_equal_numpy_and_flat_groups_are_zero():
                              rtol=1e-5)
 
 
+def test_unscaled_advantages_are_reward_minus_group_mean():
+  # Dr. GRPO's A = r - mean: float64 numpy is the oracle; a flat group is still exactly 0, and a
+  # group that differs by 0.01 gets advantages 100x smaller than one that differs by 1 (with
+  # "group" scaling both would be +-1).
+  rng = np.random.default_rng(5)
+  r = rng.normal(size=12)
+  r[4:8] = 0.1
+  got = np.asarray(group_advantages(jnp.asarray(r), 4, scale="none"))
+  g = r.reshape(3, 4)
+  want = (g - g.mean(1, keepdims=True)).reshape(-1)
+  np.testing.assert_allclose(got[[0, 1, 2, 3, 8, 9, 10, 11]], want[[0, 1, 2, 3, 8, 9, 10, 11]],
+                             rtol=1e-5)
+  assert np.all(got[4:8] == 0)
+  r = jnp.asarray([0.01, 0, 0.01, 0, 1, 0, 1, 0])
+  np.testing.assert_allclose(np.asarray(group_advantages(r, 4, scale="none")),
+                             [0.005, -0.005, 0.005, -0.005, 0.5, -0.5, 0.5, -0.5], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(group_advantages(r, 4, eps=0.0)),
+                             [1, -1, 1, -1, 1, -1, 1, -1], rtol=1e-5)
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(aggregation="mean"), "aggregation must be one of"),
     (dict(eps_low=1.0), r"eps_low must be in \[0, 1\)"),
@@ -202,6 +222,7 @@ def test_bad_arguments_raise_clear_errors(kw, msg):
     ((np.zeros(6), 4), "not a whole number of groups"),
     ((np.zeros(6), 1), "group_size must be an int >= 2"),
     ((np.zeros((2, 4)), 2), r"one reward per row"),
+    ((np.zeros(4), 2, 1e-4, 0, "batch"), r"scale must be one of \('group', 'none'\); got 'batch'"),
 ])
 def test_bad_groups_raise_clear_errors(args, msg):
   with pytest.raises(ValueError, match=msg):

@@ -135,6 +135,7 @@ def test_a_failing_reward_function_is_zero_with_its_reason(policy, tmp_path):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(group_size=1), "group_size must be >= 2"),
+    (dict(scale_rewards="batch"), r"scale_rewards must be one of \('group', 'none'\)"),
     (dict(reward=RewardConfig()), "rm_weight is set but reward_model is not"),
     (dict(reward=RewardConfig(rm_weight=0.0)), "no reward"),
     (dict(init_from_checkpoint=None), "start from a policy"),

@@ -3,6 +3,7 @@ passing and every empty body failing in the sandbox), the loader's handling of b
 the execution reward's verdicts."""
 
 import collections
+import warnings
 import json
 import os
 import subprocess
@@ -193,6 +194,16 @@ def test_format_rewards_need_a_compiling_body_that_returns_a_value():
   np.testing.assert_array_equal(got, [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
   with pytest.raises(ValueError, match="1 problems but 2 completions"):
     problems.format_rewards([DOUBLE], ["", ""])
+
+
+def test_format_rewards_keep_python_syntax_warnings_off_stderr():
+  # `2if` compiles with "SyntaxWarning: invalid decimal literal", which Python would print
+  # through the GRPO run's progress line: the reward is still 1 and nothing is warned.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = problems.format_rewards([DOUBLE], ["    return 2if x else 0\n"])
+  np.testing.assert_array_equal(got, [1])
+  assert [str(w.message) for w in caught] == []
 
 
 def test_execution_rewards_timeout():

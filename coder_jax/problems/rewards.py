@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -104,7 +105,11 @@ def format_rewards(problems: Sequence[Problem], completions: Sequence) -> np.nda
     if not isinstance(c, str) or _unrunnable(c):
       continue
     try:
-      tree = ast.parse(p.prompt + c)
+      # A sampled body like `x = 10L` compiles with a SyntaxWarning that Python prints on
+      # stderr, through the run's progress line: the warning is no part of the reward.
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        tree = ast.parse(p.prompt + c)
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
       continue
     out[i] = float(any(_returns_value(node) for node in tree.body

@@ -27,7 +27,7 @@ from coder_jax.model.logprobs import token_logprobs
 from coder_jax.parallel.mesh import MeshConfig, check_fit, make_mesh
 from coder_jax.train import loop
 from coder_jax.train import state as train_state
-from coder_jax.train.grpo import grpo_loss, group_advantages
+from coder_jax.train.grpo import ADVANTAGE_SCALES, grpo_loss, group_advantages
 from coder_jax.train.losses import BalanceLossConfig
 from coder_jax.train.optim import OptimizerConfig, make_optimizer
 from coder_jax.train.step import ROW_AXES, TOKEN_AXES, Objective, expert_load, make_step, moe_balance
@@ -132,7 +132,7 @@ class Rollouts:
                global_rows: int, shard: int, group_size: int, prompt_slot: int,
                max_new_tokens: int,
                temperature: float, top_p: float, reward: RewardConfig, scorer, ref_logp,
-               updates: int, seed: int, start_batch: int):
+               updates: int, seed: int, start_batch: int, scale_rewards: str = "group"):
     self.problems, self.tok, self.tokenizer_path = problems, tokenizer, tokenizer_path
     self.graphdef, self.cfg, self.mesh = graphdef, cfg, mesh
     self.rows, self.global_rows, self.shard, self.g = rows, global_rows, shard, group_size
@@ -140,6 +140,7 @@ class Rollouts:
     self.seq_len = row_len(prompt_slot, max_new_tokens)
     self.temperature, self.top_p, self.reward, self.scorer = temperature, top_p, reward, scorer
     self.ref_logp, self.updates, self.seed = ref_logp, updates, seed
+    self.scale_rewards = scale_rewards
     self.batches = start_batch
     self._cache = None          # (rollout index, batch, host metrics)
     self._metrics = {}
@@ -212,7 +213,8 @@ class Rollouts:
       if failed:
         metrics[f"reward_reason_{failed}"] = 1.0
     t2 = time.perf_counter()
-    batch["advantages"] = np.asarray(group_advantages(rewards, self.g), np.float32)
+    batch["advantages"] = np.asarray(group_advantages(rewards, self.g,
+                                                      scale=self.scale_rewards), np.float32)
     if pending_ref is not None:
       batch["ref_logp"] = np.asarray(jax.device_get(pending_ref), np.float32) * batch["mask"]
     lengths = [len(t) + (f == "eos") for t, f in zip(out.tokens, out.finish_reason)]
@@ -273,6 +275,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
          max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
          eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.04,
          aggregation: str = "token_mean", updates_per_batch: int = 1,
+         scale_rewards: str = "group",
          prompts: ProblemPrompts = gin.REQUIRED, reward: RewardConfig = RewardConfig(),
          mesh_config: MeshConfig | None = None, optimizer_config: OptimizerConfig | None = None,
          balance_loss: BalanceLossConfig | None = None, compute_dtype: str = "bfloat16",
@@ -292,6 +295,9 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   if not isinstance(group_size, int) or group_size < 2:
     raise ValueError(f"grpo: group_size must be >= 2 (advantages compare a prompt's samples); "
                      f"got {group_size}")
+  if scale_rewards not in ADVANTAGE_SCALES:
+    raise ValueError(f"grpo: scale_rewards must be one of {ADVANTAGE_SCALES} (A = (r - mean) / "
+                     f"std within each group, or r - mean); got {scale_rewards!r}")
   if updates_per_batch < 1 or prompts_per_step < 1:
     raise ValueError("grpo: updates_per_batch and prompts_per_step must be >= 1")
   if not (init_from_hf or init_from_checkpoint):
@@ -369,7 +375,8 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                            mesh=mesh, global_rows=batch_size, group_size=group_size,
                            prompt_slot=prompt_slot, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, reward=reward, scorer=scorer,
-                           ref_logp=ref_fn, updates=updates_per_batch, seed=seed))
+                           ref_logp=ref_fn, updates=updates_per_batch, seed=seed,
+                           scale_rewards=scale_rewards))
   return loop.run(
       model_dir=model_dir, cfg=cfg, optimizer=optimizer, schedule=schedule, mesh=mesh,
       objective=objective, data=data, batch_size=batch_size, seq_len=seq_len,

@@ -115,17 +115,26 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, eps_l
   return loss, metrics
 
 
-def group_advantages(rewards_B, group_size: int, eps: float = 1e-4, ddof: int = 0):
+ADVANTAGE_SCALES = ("group", "none")
+
+
+def group_advantages(rewards_B, group_size: int, eps: float = 1e-4, ddof: int = 0,
+                     scale: str = "group"):
   """A = (r - mean) / (std + eps) within consecutive groups of `group_size` rows (one prompt's
   samples); float32 [B]. A group whose rewards are all equal gets exactly 0.
 
   ddof 0 is the population std (DeepSeekMath's std over the group); ddof 1 is torch's default
-  `Tensor.std`, which TRL's GRPOTrainer uses."""
+  `Tensor.std`, which TRL's GRPOTrainer uses. scale "none" leaves out the division (Dr. GRPO,
+  Liu et al. 2025: A = r - mean): a group whose rewards differ only a little (a reward model's
+  noise while no sample earns a 0/1 reward yet) then gets a small advantage, where "group"
+  scales it up to the size of a group that differs by a whole 0/1 reward."""
   if not isinstance(group_size, int) or group_size < 2:
     raise ValueError(f"group_size must be an int >= 2 (GRPO compares samples of one prompt); "
                      f"got {group_size!r}")
   if ddof not in (0, 1):
     raise ValueError(f"ddof must be 0 or 1; got {ddof!r}")
+  if scale not in ADVANTAGE_SCALES:
+    raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}; got {scale!r}")
   r = jnp.asarray(rewards_B, jnp.float32)
   if r.ndim != 1:
     raise ValueError(f"rewards_B must be one reward per row, [batch]; got shape {r.shape}")
@@ -134,8 +143,10 @@ def group_advantages(rewards_B, group_size: int, eps: float = 1e-4, ddof: int = 
                      f"group_size {group_size}")
   r_NG = r.reshape(-1, group_size)
   mean = r_NG.mean(axis=1, keepdims=True)
-  std = r_NG.std(axis=1, keepdims=True, ddof=ddof)
+  centred = r_NG - mean
+  if scale == "group":
+    centred = centred / (r_NG.std(axis=1, keepdims=True, ddof=ddof) + eps)
   # The mean of equal float32 values can differ from them in the last bit, which eps alone
   # would turn into a nonzero advantage; a constant group carries no signal, so force 0.
   flat = (r_NG.max(axis=1, keepdims=True) == r_NG.min(axis=1, keepdims=True))
-  return jnp.where(flat, 0.0, (r_NG - mean) / (std + eps)).reshape(-1)
+  return jnp.where(flat, 0.0, centred).reshape(-1)
