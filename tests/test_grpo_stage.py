@@ -123,6 +123,41 @@ def test_updates_per_batch_reuse_one_sample(policy, tmp_path):
   assert m[1]["reward_mean"] == m[2]["reward_mean"]
   assert m[1]["response_len"] == m[2]["response_len"]
   assert abs(m[2]["ratio"] - 1.0) > 1e-6
+  # One batch of samples, so its replies are logged once, at the step that first trains on it.
+  with open(tmp_path / "run" / "samples.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 1, 1, 1]
+
+
+def test_samples_jsonl_logs_replies_and_their_rewards(policy, tmp_path):
+  run = tmp_path / "run"
+  reward = RewardConfig(rm_weight=0.0, execution_weight=1.0, timeout_s=2.0,
+                        functions=(reply_length, digits), function_weights=(1.0, 0.5))
+
+  def rows():
+    with open(run / "samples.jsonl") as f:
+      return [json.loads(line) for line in f]
+
+  _grpo(policy, run, 2, reward=reward, log_samples=3, checkpoint_every=1)
+  first = rows()
+  assert [r["step"] for r in first] == [1, 1, 1, 2, 2, 2]
+  for r in first:
+    # Each part recomputed from the logged reply, and the reward is their weighted sum.
+    assert r["reply_length"] == pytest.approx(len(r["reply"]) / 40.0)
+    assert r["digits"] == pytest.approx(digits(None, [r["reply"]])[0])
+    assert r["passed"] in (0.0, 1.0) and r["finish"] in ("eos", "length")
+    assert r["reward"] == pytest.approx(r["passed"] + r["reply_length"] + 0.5 * r["digits"],
+                                        abs=1e-5)
+  # The first rows of a step are samples of one prompt (a group of 4).
+  assert len({r["task_id"] for r in first[:3]}) == 1 and len({r["task_id"] for r in first[3:]}) == 1
+  # A killed run's lines past its checkpoint (and a torn last line) are gone after a resume.
+  with open(run / "samples.jsonl", "a") as f:
+    f.write(json.dumps({"step": 3, "reply": "stale"}) + "\n" + '{"step": 3, "rep')
+  _grpo(policy, run, 3, reward=reward, log_samples=3, checkpoint_every=1)
+  again = rows()
+  assert again[:6] == first and [r["step"] for r in again[6:]] == [3, 3, 3]
+  assert all(r["reply"] != "stale" for r in again)
+  _grpo(policy, tmp_path / "quiet", 1, log_samples=0)
+  assert not os.path.exists(tmp_path / "quiet" / "samples.jsonl")
 
 
 def test_a_failing_reward_function_is_zero_with_its_reason(policy, tmp_path):
@@ -136,6 +171,7 @@ def test_a_failing_reward_function_is_zero_with_its_reason(policy, tmp_path):
 @pytest.mark.parametrize("kw, message", [
     (dict(group_size=1), "group_size must be >= 2"),
     (dict(scale_rewards="batch"), r"scale_rewards must be one of \('group', 'none'\)"),
+    (dict(log_samples=-1), "log_samples must be an int >= 0"),
     (dict(reward=RewardConfig()), "rm_weight is set but reward_model is not"),
     (dict(reward=RewardConfig(rm_weight=0.0)), "no reward"),
     (dict(init_from_checkpoint=None), "start from a policy"),

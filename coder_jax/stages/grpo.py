@@ -13,6 +13,7 @@ is the shared loop's. Resuming in the middle of a batch's updates samples that b
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -29,6 +30,7 @@ from coder_jax.train import loop
 from coder_jax.train import state as train_state
 from coder_jax.train.grpo import ADVANTAGE_SCALES, grpo_loss, group_advantages
 from coder_jax.train.losses import BalanceLossConfig
+from coder_jax.train.metrics import open_jsonl
 from coder_jax.train.optim import OptimizerConfig, make_optimizer
 from coder_jax.train.step import ROW_AXES, TOKEN_AXES, Objective, expert_load, make_step, moe_balance
 
@@ -132,7 +134,8 @@ class Rollouts:
                global_rows: int, shard: int, group_size: int, prompt_slot: int,
                max_new_tokens: int,
                temperature: float, top_p: float, reward: RewardConfig, scorer, ref_logp,
-               updates: int, seed: int, start_batch: int, scale_rewards: str = "group"):
+               updates: int, seed: int, start_batch: int, scale_rewards: str = "group",
+               samples_path: str | None = None, log_samples: int = 0):
     self.problems, self.tok, self.tokenizer_path = problems, tokenizer, tokenizer_path
     self.graphdef, self.cfg, self.mesh = graphdef, cfg, mesh
     self.rows, self.global_rows, self.shard, self.g = rows, global_rows, shard, group_size
@@ -141,6 +144,10 @@ class Rollouts:
     self.temperature, self.top_p, self.reward, self.scorer = temperature, top_p, reward, scorer
     self.ref_logp, self.updates, self.seed = ref_logp, updates, seed
     self.scale_rewards = scale_rewards
+    self.log_samples = log_samples
+    # The replies a resumed run samples again replace the ones logged past its checkpoint.
+    self._samples_log = (open_jsonl(samples_path, start_batch)
+                         if samples_path and log_samples else None)
     self.batches = start_batch
     self._cache = None          # (rollout index, batch, host metrics)
     self._metrics = {}
@@ -152,6 +159,11 @@ class Rollouts:
 
   def host_metrics(self) -> dict:
     return dict(self._metrics)
+
+  def close(self) -> None:
+    if self._samples_log is not None:
+      self._samples_log.close()
+      self._samples_log = None
 
   def _problems(self, rollout: int) -> list:
     per = self.global_rows // self.g
@@ -192,11 +204,12 @@ class Rollouts:
     replies = [self.tok.decode(t) for t in out.tokens]
     group_problems = [p for p in probs for _ in range(self.g)]
     rewards = np.zeros(len(prompts), np.float32)
-    metrics = {}
+    metrics, parts = {}, {}
     if self.reward.execution_weight:
       passed, reasons = execution_rewards(group_problems, [body_of(r) for r in replies],
                                           timeout_s=self.reward.timeout_s)
       rewards += self.reward.execution_weight * passed
+      parts["passed"] = passed
       metrics["pass_rate"] = float(passed.mean())
       metrics.update({f"reward_reason_{k}": v / len(replies) for k, v in reasons.items()})
     if self.reward.rm_weight:
@@ -205,14 +218,19 @@ class Rollouts:
                                  [body_of(r) for r in replies])
       rewards += self.reward.rm_weight * np.asarray(scores, np.float32)
       metrics["rm_score"] = float(np.mean(scores))
+      parts["rm_score"] = scores
     weights = self.reward.function_weights or (1.0,) * len(self.reward.functions)
     for fn, w in zip(self.reward.functions, weights):
       r, failed = function_rewards(fn, group_problems, replies)
       rewards += w * r
-      metrics[f"reward_{getattr(fn, '__name__', type(fn).__name__)}"] = float(r.mean())
+      name = getattr(fn, '__name__', type(fn).__name__)
+      metrics[f"reward_{name}"] = float(r.mean())
+      parts[name] = r
       if failed:
         metrics[f"reward_reason_{failed}"] = 1.0
     t2 = time.perf_counter()
+    self._log_replies(rollout * self.updates + 1, group_problems, replies, out.finish_reason,
+                      rewards, parts)
     batch["advantages"] = np.asarray(group_advantages(rewards, self.g,
                                                       scale=self.scale_rewards), np.float32)
     if pending_ref is not None:
@@ -224,6 +242,18 @@ class Rollouts:
                    time_reward_s=t2 - t1,
                    time_reference_s=time.perf_counter() - t2)
     return batch, metrics
+
+  def _log_replies(self, step, group_problems, replies, finish, rewards, parts):
+    """The first log_samples replies of the batch (the first prompts' groups) as lines of
+    MODEL_DIR/samples.jsonl: what the policy writes and what each reward gave it."""
+    if self._samples_log is None:
+      return
+    for i in range(min(self.log_samples, len(replies))):
+      rec = {"step": step, "task_id": group_problems[i].task_id, "reply": replies[i],
+             "finish": finish[i], "reward": float(rewards[i])}
+      rec.update({k: float(v[i]) for k, v in parts.items()})
+      self._samples_log.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    self._samples_log.flush()
 
   def _layout(self, prompts, out) -> dict:
     """[rows, seq_len] rows of prompt + response: targets are the next tokens; mask and
@@ -275,7 +305,7 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
          max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
          eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.04,
          aggregation: str = "token_mean", updates_per_batch: int = 1,
-         scale_rewards: str = "group",
+         scale_rewards: str = "group", log_samples: int = 4,
          prompts: ProblemPrompts = gin.REQUIRED, reward: RewardConfig = RewardConfig(),
          mesh_config: MeshConfig | None = None, optimizer_config: OptimizerConfig | None = None,
          balance_loss: BalanceLossConfig | None = None, compute_dtype: str = "bfloat16",
@@ -298,6 +328,9 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   if scale_rewards not in ADVANTAGE_SCALES:
     raise ValueError(f"grpo: scale_rewards must be one of {ADVANTAGE_SCALES} (A = (r - mean) / "
                      f"std within each group, or r - mean); got {scale_rewards!r}")
+  if not isinstance(log_samples, int) or log_samples < 0:
+    raise ValueError(f"grpo: log_samples must be an int >= 0 (replies per step written to "
+                     f"MODEL_DIR/samples.jsonl); got {log_samples!r}")
   if updates_per_batch < 1 or prompts_per_step < 1:
     raise ValueError("grpo: updates_per_batch and prompts_per_step must be >= 1")
   if not (init_from_hf or init_from_checkpoint):
@@ -376,7 +409,9 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
                            prompt_slot=prompt_slot, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, reward=reward, scorer=scorer,
                            ref_logp=ref_fn, updates=updates_per_batch, seed=seed,
-                           scale_rewards=scale_rewards))
+                           scale_rewards=scale_rewards, log_samples=log_samples,
+                           samples_path=(os.path.join(model_dir, "samples.jsonl")
+                                         if jax.process_index() == 0 else None)))
   return loop.run(
       model_dir=model_dir, cfg=cfg, optimizer=optimizer, schedule=schedule, mesh=mesh,
       objective=objective, data=data, batch_size=batch_size, seq_len=seq_len,

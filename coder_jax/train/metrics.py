@@ -28,7 +28,8 @@ from coder_jax.files import write_atomic
 from coder_jax.train.events import EventWriter
 from coder_jax.train.progress import Progress, format_duration
 
-__all__ = ["EventWriter", "MetricsLog", "Progress", "format_duration", "read_metrics"]
+__all__ = ["EventWriter", "MetricsLog", "Progress", "format_duration", "open_jsonl",
+           "read_metrics"]
 
 
 def read_metrics(model_dir: str | os.PathLike) -> dict[int, dict]:
@@ -85,6 +86,35 @@ def _normalize(value: Any) -> tuple[Any, float | None]:
   return json_value, float(value)
 
 
+def open_jsonl(path: str, resume_step: int | None = None):
+  """`path` opened to append {"step": int, ...} lines (created if missing). resume_step: the
+  step a run restarts from; the lines a killed run wrote past it (and torn lines) are removed
+  first, atomically, so the steps it replays appear once. A last line cut short by a kill is
+  ended, so it cannot swallow the next one."""
+  if resume_step is not None and os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+      try:
+        if int(json.loads(line)["step"]) <= resume_step:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):
+        continue
+    if len(keep) != len(lines):
+      write_atomic(path, "".join(line + "\n" for line in keep))
+  needs_newline = False
+  if os.path.exists(path) and os.path.getsize(path) > 0:
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      needs_newline = f.read(1) != b"\n"
+  out = open(path, "a", encoding="utf-8")
+  if needs_newline:
+    out.write("\n")
+    out.flush()
+  return out
+
+
 class MetricsLog:
   """Appends {"step": int, **values} lines to `{model_dir}/metrics.jsonl` and scalar values to
   TensorBoard events in `{model_dir}/tensorboard/`.
@@ -111,37 +141,11 @@ class MetricsLog:
     if not self.enabled:
       return
     os.makedirs(self.model_dir, exist_ok=True)
-    if resume_step is not None and os.path.exists(self.path):
-      self._drop_rows_after(resume_step)
-    # A line cut short by a kill would swallow the next one: start on a fresh line.
-    needs_newline = False
-    if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-      with open(self.path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        needs_newline = f.read(1) != b"\n"
-    self._file = open(self.path, "a", encoding="utf-8")
-    if needs_newline:
-      self._file.write("\n")
-      self._file.flush()
+    self._file = open_jsonl(self.path, resume_step)
     self._events = EventWriter(os.path.join(self.model_dir, self.TB_SUBDIR))
     if resume_step is not None:
       self._events.session_start(resume_step + 1)
       self._events.flush()
-
-  def _drop_rows_after(self, step: int) -> None:
-    """Rewrites metrics.jsonl without rows past `step` (and torn lines), atomically."""
-    with open(self.path, encoding="utf-8", errors="replace") as f:
-      lines = f.read().splitlines()
-    keep = []
-    for line in lines:
-      try:
-        if int(json.loads(line)["step"]) <= step:
-          keep.append(line)
-      except (ValueError, KeyError, TypeError):
-        continue
-    if len(keep) == len(lines):
-      return
-    write_atomic(self.path, "".join(line + "\n" for line in keep))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
