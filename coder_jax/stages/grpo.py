@@ -225,7 +225,7 @@ class Rollouts:
       rewards += w * r
       name = getattr(fn, '__name__', type(fn).__name__)
       metrics[f"reward_{name}"] = float(r.mean())
-      parts[name] = r
+      parts[f"reward_{name}"] = r
       if failed:
         metrics[f"reward_reason_{failed}"] = 1.0
     t2 = time.perf_counter()
