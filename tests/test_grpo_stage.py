@@ -145,10 +145,11 @@ def test_samples_jsonl_logs_replies_and_their_rewards(policy, tmp_path):
     assert r["reward_reply_length"] == pytest.approx(len(r["reply"]) / 40.0)
     assert r["reward_digits"] == pytest.approx(digits(None, [r["reply"]])[0])
     assert r["passed"] in (0.0, 1.0) and r["finish"] in ("eos", "length")
-    assert r["reward"] == pytest.approx(r["passed"] + r["reward_reply_length"] + 0.5 * r["reward_digits"],
-                                        abs=1e-5)
+    want = r["passed"] + r["reward_reply_length"] + 0.5 * r["reward_digits"]
+    assert r["reward"] == pytest.approx(want, abs=1e-5)
   # The first rows of a step are samples of one prompt (a group of 4).
-  assert len({r["task_id"] for r in first[:3]}) == 1 and len({r["task_id"] for r in first[3:]}) == 1
+  assert len({r["task_id"] for r in first[:3]}) == 1
+  assert len({r["task_id"] for r in first[3:]}) == 1
   # A killed run's lines past its checkpoint (and a torn last line) are gone after a resume.
   with open(run / "samples.jsonl", "a") as f:
     f.write(json.dumps({"step": 3, "reply": "stale"}) + "\n" + '{"step": 3, "rep')

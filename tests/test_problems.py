@@ -3,11 +3,11 @@ passing and every empty body failing in the sandbox), the loader's handling of b
 the execution reward's verdicts."""
 
 import collections
-import warnings
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest

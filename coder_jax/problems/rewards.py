@@ -105,8 +105,8 @@ def format_rewards(problems: Sequence[Problem], completions: Sequence) -> np.nda
     if not isinstance(c, str) or _unrunnable(c):
       continue
     try:
-      # A sampled body like `x = 10L` compiles with a SyntaxWarning that Python prints on
-      # stderr, through the run's progress line: the warning is no part of the reward.
+      # A sampled body like `return 2if x else 0` compiles with a SyntaxWarning that Python
+      # prints on stderr, through the run's progress line: the warning is no part of the reward.
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntaxWarning)
         tree = ast.parse(p.prompt + c)

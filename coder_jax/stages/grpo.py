@@ -203,10 +203,11 @@ class Rollouts:
     pending_ref = self.ref_logp(batch) if self.ref_logp is not None else None
     replies = [self.tok.decode(t) for t in out.tokens]
     group_problems = [p for p in probs for _ in range(self.g)]
+    bodies = [body_of(r) for r in replies]
     rewards = np.zeros(len(prompts), np.float32)
     metrics, parts = {}, {}
     if self.reward.execution_weight:
-      passed, reasons = execution_rewards(group_problems, [body_of(r) for r in replies],
+      passed, reasons = execution_rewards(group_problems, bodies,
                                           timeout_s=self.reward.timeout_s)
       rewards += self.reward.execution_weight * passed
       parts["passed"] = passed
@@ -214,8 +215,7 @@ class Rollouts:
       metrics.update({f"reward_reason_{k}": v / len(replies) for k, v in reasons.items()})
     if self.reward.rm_weight:
       # The scorer renders the same chat template from the user text and the reply's content.
-      scores = self.scorer.score([p.prompt for p in group_problems],
-                                 [body_of(r) for r in replies])
+      scores = self.scorer.score([p.prompt for p in group_problems], bodies)
       rewards += self.reward.rm_weight * np.asarray(scores, np.float32)
       metrics["rm_score"] = float(np.mean(scores))
       parts["rm_score"] = scores
