@@ -161,6 +161,44 @@ def test_samples_jsonl_logs_replies_and_their_rewards(policy, tmp_path):
   assert not os.path.exists(tmp_path / "quiet" / "samples.jsonl")
 
 
+def test_the_reward_models_score_is_the_reward(policy, tmp_path):
+  """rm_weight x the RM's score of (the problem's prompt, the reply's body), as the RM's own
+  scorer gives it for the logged replies."""
+  from coder_jax import reward as rm
+  from coder_jax.reward.data import RewardData
+  from coder_jax.stages.grpo import body_of
+  from coder_jax.stages.reward_model import reward_model
+  items, _ = problem_set.load(split="train")
+  with open(tmp_path / "rm.jsonl", "w") as f:
+    for p in items[:8]:
+      for body, ok in ((p.canonical_solution, True), ("    pass\n", False)):
+        f.write(json.dumps({"prompt": p.prompt, "response": body, "passed": ok}) + "\n")
+  gin.clear_config()
+  gin.bind_parameter("model_config.vocab_size", VOCAB)
+  try:
+    reward_model(model_dir=str(tmp_path / "rm"), train_steps=2, batch_size=8, seq_len=192,
+                 data=RewardData(path=str(tmp_path / "rm.jsonl"),
+                                 tokenizer=os.path.join(policy, "tokenizer.json")),
+                 compute_dtype="float32", async_checkpoints=False, checkpoint_every=2,
+                 head_std=0.02, evaluate=False, init_from_checkpoint=policy,
+                 mesh_config=MeshConfig())
+  finally:
+    gin.clear_config()
+  _grpo(policy, tmp_path / "run", 1, log_samples=16,
+        reward=RewardConfig(reward_model=str(tmp_path / "rm"), rm_weight=0.5))
+  with open(tmp_path / "run" / "samples.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  by_id = {p.task_id: p for p in items}
+  want = rm.load(str(tmp_path / "rm")).score([by_id[r["task_id"]].prompt for r in rows],
+                                             [body_of(r["reply"]) for r in rows])
+  got = np.array([r["rm_score"] for r in rows])
+  assert len(rows) == 16 and np.ptp(want) > 0
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose([r["reward"] for r in rows], 0.5 * want, rtol=1e-4, atol=1e-5)
+  m = read_metrics(tmp_path / "run")[1]
+  assert m["rm_score"] == pytest.approx(float(np.mean(want)), rel=1e-4, abs=1e-5)
+
+
 def test_a_failing_reward_function_is_zero_with_its_reason(policy, tmp_path):
   _grpo(policy, tmp_path / "run", 1,
         reward=RewardConfig(rm_weight=0.0, functions=(broken, reply_length)))

@@ -116,24 +116,26 @@ def train_dir_model(model_dir: str, step: int | None = None, *, mesh=None,
 
 
 def load(path: str, *, step: int | None = None, dtype=jnp.float32, batch_size: int = 16,
-         template: ChatTemplate = ChatTemplate(), **runtime) -> Scorer:
+         template: ChatTemplate = ChatTemplate(), mesh=None, **runtime) -> Scorer:
   """A Scorer for an HF DeepseekV2ForSequenceClassification export (config.json) or a
   reward_model stage's MODEL_DIR (its checkpoint `step`, default the newest that restores, and
   its tokenizer.json). dtype: the activations' and an export's weights' (a checkpoint's master
-  weights stay float32). runtime: ModelConfig runtime fields (attention_impl, ...)."""
+  weights stay float32). mesh: where the parameters live (default one device); a stage that
+  scores inside its own mesh (GRPO) passes it, as jit there takes no array committed to other
+  devices. runtime: ModelConfig runtime fields (attention_impl, ...)."""
   from coder_jax.hf import seq_cls
   if os.path.isfile(os.path.join(path, "config.json")):
     if step is not None:
       raise ValueError(f"step: {path} is a Hugging Face export, which has no steps")
-    model = seq_cls.load(path, dtype, **runtime)
+    model = seq_cls.load(path, dtype, mesh=mesh, **runtime)
     pad = seq_cls.pad_token_id(path)
   else:
     from coder_jax.train.checkpoint import CHECKPOINT_SUBDIR
     if not os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
       raise FileNotFoundError(f"{path}: neither a Hugging Face export (config.json) nor a "
                               f"training directory ({CHECKPOINT_SUBDIR}/)")
-    model = train_dir_model(path, step, param_dtype="float32", dtype=jnp.dtype(dtype).name,
-                            **runtime)
+    model = train_dir_model(path, step, mesh=mesh, param_dtype="float32",
+                            dtype=jnp.dtype(dtype).name, **runtime)
     pad = None
   tok_path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(tok_path):

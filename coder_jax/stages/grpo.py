@@ -399,7 +399,9 @@ def grpo(model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   scorer = None
   if reward.rm_weight:
     from coder_jax.reward import load as load_reward_model
-    scorer = load_reward_model(reward.reward_model)
+    # On the training mesh: the rewards are scored inside it (jax.set_mesh), where a jit takes
+    # no parameters committed to one device.
+    scorer = load_reward_model(reward.reward_model, mesh=mesh)
   objective = grpo_objective(cfg, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
                              beta=beta, aggregation=aggregation, alphas=alphas,
                              start=prompt_slot - 1, group=group_size)
